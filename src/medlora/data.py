@@ -1,0 +1,224 @@
+"""JSONL conversations -> chat template (with the safety system prompt) -> tokens with labels.
+
+Loss is computed on assistant tokens only: system, user and template tokens get label -100.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medlora.config import MedloraError
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is reported with file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MedloraError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
+                                   "Each line must be one JSON object.") from err
+            if not isinstance(row, dict):
+                raise MedloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+            rows.append((number, row))
+    return rows
+
+
+def to_messages(row: dict, where: str) -> list[dict]:
+    """Accept OpenAI `messages`, alpaca (`instruction`/`input`/`output`) and `prompt`/`completion`."""
+    if "messages" in row:
+        messages = row["messages"]
+    elif "instruction" in row and "output" in row:
+        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
+    elif "prompt" in row and "completion" in row:
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+    else:
+        raise MedloraError(f"{where}: unknown record format with keys {sorted(row)}. Use {{\"messages\": [...]}}, "
+                           "alpaca {\"instruction\", \"input\", \"output\"} or {\"prompt\", \"completion\"}.")
+    return _checked(messages, where)
+
+
+def _checked(messages, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise MedloraError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects.")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise MedloraError(f"{where}: message {i} needs a string `content`.")
+        if message.get("role") not in ROLES:
+            raise MedloraError(f"{where}: message {i} has unknown role {message.get('role')!r}; "
+                               f"use one of {', '.join(ROLES)}.")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise MedloraError(f"{where}: the conversation has no assistant turn, so there is nothing to learn. "
+                           "Add an assistant message or remove the line.")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_conversations(path: str | Path, limit: int | None = None) -> list[list[dict]]:
+    conversations = [to_messages(row, f"{path}:{number}") for number, row in read_jsonl(path)]
+    if not conversations:
+        raise MedloraError(f"{path} has no conversations: the file is empty. Give a JSONL file with one "
+                           "conversation per line.")
+    return conversations[:limit] if limit else conversations
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _render(tokenizer, messages, generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and the character spans of each assistant reply, end-of-turn token included.
+
+    Rendering message prefixes finds the spans for any template whose output for the first k
+    messages is a prefix of its output for k+1 (true of ChatML, Llama 3, Phi, Mistral templates).
+    """
+    text = _render(tokenizer, messages)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:k], generation_prompt=True)) if k else 0
+        upto = _render(tokenizer, messages[: k + 1])
+        if not text.startswith(upto):
+            raise MedloraError("the chat template renders a conversation differently from its prefixes, so "
+                               "assistant tokens cannot be located. Use a model with a standard chat template.")
+        # trailing whitespace after the end-of-turn token is template layout, not the reply
+        spans.append((start, len(upto.rstrip())))
+    return text, spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    text, spans = assistant_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [IGNORE] * len(encoded["input_ids"])
+    for i, (start, _end) in enumerate(encoded["offset_mapping"]):
+        if any(a <= start < b for a, b in spans):
+            labels[i] = encoded["input_ids"][i]
+    return encoded["input_ids"], labels
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class TokenStats:
+    conversations: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+
+    def as_metrics(self, prefix: str) -> dict[str, int]:
+        return {f"{prefix}_{name}": value for name, value in self.__dict__.items()}
+
+
+def tokenize_dataset(conversations, tokenizer, system_prompt, max_seq_len: int, overlong: str):
+    examples, stats = [], TokenStats()
+    for messages in conversations:
+        ids, labels = tokenize_conversation(tokenizer, with_system_prompt(messages, system_prompt))
+        if len(ids) > max_seq_len:
+            if overlong == "drop":
+                stats.dropped += 1
+                continue
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(label == IGNORE for label in labels[1:]):
+                # the prompt alone fills the window: no reply token left to learn from
+                stats.dropped += 1
+                continue
+            stats.truncated += 1
+        examples.append(Example(ids, labels))
+        stats.conversations += 1
+        stats.tokens += len(ids)
+        stats.supervised_tokens += sum(label != IGNORE for label in labels[1:])
+    return examples, stats
+
+
+def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, math.ceil(len(order) * fraction))
+    if n_eval >= len(order):
+        raise MedloraError(f"only {len(order)} conversations: too few to hold out data.eval_split={fraction}. "
+                           "Add data or give data.eval_file.")
+    held = set(order[:n_eval])
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class LengthGroupedBatches:
+    """Shuffled batches whose members have similar lengths, so little compute goes to padding.
+
+    Like transformers' group_by_length: shuffle, cut into mega-batches of 50 batches, sort each
+    by length, split into batches, shuffle the batch order. A new order every epoch.
+    """
+
+    lengths: list[int]
+    batch_size: int
+    seed: int
+    group_by_length: bool = True
+    shuffle: bool = True
+    epoch: int = field(default=0, init=False)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        if not self.shuffle:
+            order.sort(key=lambda i: -self.lengths[i])
+            yield from (order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            return
+        rng.shuffle(order)
+        if self.group_by_length:
+            mega = self.batch_size * 50
+            order = [i for s in range(0, len(order), mega)
+                     for i in sorted(order[s: s + mega], key=lambda i: -self.lengths[i])]
+        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+
+def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, train: bool,
+                group_by_length: bool = True) -> torch.utils.data.DataLoader:
+    sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], batch_size, seed,
+                                   group_by_length=group_by_length, shuffle=train)
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))

