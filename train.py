@@ -4,10 +4,15 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("MEDLORA_ROOT", str(ROOT))  # conf/paths derives every path from it
+# noise that asks nothing of the user: bitsandbytes looks for an optional Hub kernel at import
+# (its CPU path works without it), and peft calls a transformers method renamed in v5
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

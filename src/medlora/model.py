@@ -122,7 +122,11 @@ def resolve_checkpoint(model_cfg: DictConfig, cache_dir: str, seed: int) -> tupl
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise MedloraError(f"could not load the tokenizer of {path} ({str(err).splitlines()[0]}). Check the id or "
+                           "path; without internet use a local folder or the embedded default (model=smollm2_135m).") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -156,7 +160,7 @@ def load_model(path: str, model_cfg: DictConfig, precision: str, device: str):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
         raise MedloraError(
-            f"could not load model.base_model={model_cfg.base_model} ({err}). Check the id or path; without "
+            f"could not load model.base_model={model_cfg.base_model} ({str(err).splitlines()[0]}). Check the id or path; without "
             "internet use a local folder or the embedded default (model=smollm2_135m)."
         ) from err
     model.config.use_cache = False  # the KV cache only costs memory during training

@@ -1,0 +1,57 @@
+"""Tests run the real entry point (`python train.py ...`) on the tiny model, each in its own folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MEDLORA_ROOT", str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no Hub access: fail fast instead of retrying
+MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
+
+TINY = ["model=tiny_random", "training.max_seq_len=256"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def conversation(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def isolated(tmp: Path) -> list[str]:
+    """Overrides that keep a run's folders and MLflow store inside `tmp`."""
+    return [f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep",
+            f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/artifacts"]
+
+
+def train(tmp: Path, *overrides: str, multirun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *isolated(tmp), *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def mlflow_client(tmp: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The SmolLM2 tokenizer, from the dequantized embedded model (made once, cached)."""
+    from omegaconf import OmegaConf
+
+    from medlora.model import load_tokenizer, resolve_checkpoint
+
+    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    _, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), seed=42)
+    return load_tokenizer(tokenizer_path)

@@ -1,0 +1,131 @@
+"""Every config group composes, validates and instantiates (Hydra's compose API, no subprocess)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MEDQUAD, ROOT, conversation, write_jsonl
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from medlora import config as medconfig
+from medlora import data
+from medlora.adapters import add_adapter
+from medlora.model import load_model, quantization_config, resolve_checkpoint
+
+GROUPS = {name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
+          for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")}
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_defaults_follow_the_design():
+    cfg = _compose()
+    assert (cfg.device, cfg.precision, cfg.model.quantization) == ("auto", "auto", "none")
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules) == (32, 64, 0.1, "all-linear")
+    assert cfg.training.learning_rate == 1e-4
+    assert cfg.model.base_model.endswith(".gguf") and cfg.tracking.uri.startswith("sqlite:///")
+    medconfig.validate(cfg)
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options
+                                           if g not in ("paths", "hydra")])
+def test_every_option_composes_and_validates(tmp_path, group, option):
+    extra = []
+    if group in ("data", "experiment") and option in ("jsonl", "medquad_smollm2"):
+        path = write_jsonl(tmp_path / "d.jsonl", [conversation("q", "a")])
+        extra = [f"data.train_file={path}", f"data.eval_file={path}"]
+    cfg = _compose(f"{group}={option}", *extra)
+    if group == "model" and cfg.model.quantization != "none":
+        pytest.importorskip("bitsandbytes")
+    medconfig.validate(cfg)
+
+
+def test_each_config_group_folder_exists():
+    for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug"):
+        assert GROUPS[name], f"conf/{name}/ is empty"
+
+
+@pytest.mark.parametrize("lora_overrides", [[], ["lora.use_dora=true"], ["lora.use_rslora=true"],
+                                            ["lora.target_modules=[q_proj,v_proj]", "lora.bias=lora_only"]])
+def test_lora_options_instantiate(lora_overrides):
+    cfg = _compose("model=tiny_random", *lora_overrides)
+    path, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    model, trainable, total = add_adapter(load_model(path, cfg.model, "fp32", "cpu"), cfg.lora, False)
+    assert 0 < trainable < total
+    peft_cfg = model.peft_config["default"]
+    assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.use_dora, peft_cfg.use_rslora) == (
+        cfg.lora.rank, cfg.lora.alpha, cfg.lora.use_dora, cfg.lora.use_rslora)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.endswith(".bias") for n in names)
+
+
+def test_tiny_random_model_instantiates_deterministically():
+    cfg = _compose("model=tiny_random")
+    path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    model = load_model(path, cfg.model, "fp32", "cpu")
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 49152
+    assert resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)[0] == path  # cached, not rebuilt
+
+
+def test_embedded_smollm2_instantiates_from_its_cache():
+    cfg = _compose()
+    path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    assert Path(path, "model.safetensors").is_file() and tokenizer_path == path
+    model = load_model(path, cfg.model, "bf16", "cpu")
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.bfloat16
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_phi4_mini_is_4bit_qlora_and_reports_when_the_hub_is_out_of_reach():
+    cfg = _compose("model=phi4_mini")
+    assert cfg.model.base_model == "microsoft/Phi-4-mini-instruct"
+    quant = quantization_config(cfg.model.quantization, torch.bfloat16)
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
+    assert quant.bnb_4bit_compute_dtype == torch.bfloat16
+    # tests run offline (HF_HUB_OFFLINE=1): loading must fail with our message, not a stack of retries
+    with pytest.raises(medconfig.MedloraError, match="microsoft/Phi-4-mini-instruct"):
+        load_model(cfg.model.base_model, cfg.model, "bf16", "cpu")
+
+
+@pytest.mark.parametrize("option", GROUPS["data"])
+def test_data_options_load(tmp_path, option):
+    path = write_jsonl(tmp_path / "d.jsonl", [conversation("q", "a")] * 3)
+    cfg = _compose(f"data={option}", *([f"data.train_file={path}"] if option == "jsonl" else []))
+    train = data.load_conversations(cfg.data.train_file)
+    assert train and all(m[-1]["role"] == "assistant" for m in train)
+    if option == "sample_medical":
+        assert len(train) >= 300 and len(data.load_conversations(cfg.data.eval_file)) >= 30
+
+
+def test_medquad_experiment_points_at_shared_data():
+    if not MEDQUAD.is_dir():
+        pytest.skip("../shared/data/medquad is not beside this checkout")
+    cfg = _compose("experiment=medquad_smollm2")
+    medconfig.validate(cfg)
+    assert OmegaConf.select(cfg, "data.train_file").endswith("medquad/train.jsonl")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank=0", "lora.rank=0 is invalid"), ("lora.rank=2.5", "lora.rank=2.5 is invalid"),
+    ("lora.dropout=1.5", "lora.dropout=1.5 is invalid"), ("training.learning_rate=-1e-4", "training.learning_rate="),
+    ("training.batch_size=0", "training.batch_size=0 is invalid"), ("precision=fp8", "precision='fp8' is invalid"),
+    ("training.lr_scheduler=warp", "is not a transformers scheduler"), ("training.overlong=cut", "truncate or drop"),
+    ("training.max_steps=0", "both 0"),
+])
+def test_bad_values_are_named(override, message):
+    cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
+    with pytest.raises(medconfig.MedloraError, match=message.replace("(", r"\(")):
+        medconfig.validate(cfg)
+
+
+def test_auto_precision_and_device():
+    assert medconfig.resolve_device("auto") in ("cpu", "cuda")
+    assert medconfig.resolve_precision("fp32", "cpu") == "fp32"
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert medconfig.resolve_precision("auto", "cpu") == expected

@@ -1,0 +1,62 @@
+"""QLoRA on CPU: bitsandbytes 4-bit base weights with a LoRA adapter train through the real entry point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, mlflow_client, train
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def test_4bit_lora_trains_a_few_steps(tmp_path):
+    result = train(tmp_path, *TINY, "model.quantization=4bit", "training.max_steps=3", "training.batch_size=2",
+                   "training.gradient_accumulation_steps=1", "training.learning_rate=1e-2",
+                   "data.max_train_samples=6", "data.max_eval_samples=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
+    assert run.data.params["model.quantization"] == "4bit"
+    assert run.data.metrics["eval_loss"] < run.data.metrics["eval_loss_before"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gradients_through_4bit_layers_survive_an_eval_pass():
+    """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel after an eval pass;
+    medlora turns that off, so gradients after eval must equal gradients before it."""
+    from accelerate import Accelerator
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from medlora.adapters import add_adapter
+    from medlora.model import load_model, resolve_checkpoint
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny_random", "model.quantization=4bit", "lora.dropout=0"])
+    path, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    model, _, _ = add_adapter(load_model(path, cfg.model, "bf16", "cpu"), cfg.lora, False)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero B so that every adapter's gradient depends on the layers above it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    batch = {"input_ids": torch.randint(0, 1000, (2, 12))}
+    batch["labels"] = batch["input_ids"].clone()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        with accelerator.autocast():
+            model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before = grads()
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        model(input_ids=batch["input_ids"])
+    after = grads()
+    first_layer_a = next(n for n in before if "layers.0." in n and "lora_A" in n)
+    assert before[first_layer_a].abs().sum() > 0
+    for name in before:
+        torch.testing.assert_close(after[name], before[name])
