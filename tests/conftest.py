@@ -34,7 +34,9 @@ def isolated(tmp: Path) -> list[str]:
 
 
 def train(tmp: Path, *overrides: str, multirun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *isolated(tmp), *overrides]
+    given = {o.split("=")[0] for o in overrides}
+    defaults = [o for o in isolated(tmp) if o.split("=")[0] not in given]
+    cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *defaults, *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from conftest import TINY, conversation, train, write_jsonl
 
 GOOD = conversation("What is a fever?", "A body temperature above about 38 C (100.4 F).")
@@ -29,11 +30,18 @@ CASES = {
                                "1e-4 to 3e-4"),
     "bad quantization": (lambda tmp: ["model.quantization=3bit"], "model.quantization='3bit' is invalid", "none, 4bit, 8bit"),
     "jsonl without a file": (lambda tmp: ["data=jsonl"], "data.train_file is not set", ""),
+    "cuda on a machine without one": (lambda tmp: ["device=cuda"], "device=cuda but PyTorch sees no CUDA GPU",
+                                      "device=auto"),
+    # port 9 (discard) on loopback: nothing listens, the connection is refused at once
+    "unreachable MLflow server": (lambda tmp: ["tracking.uri=http://127.0.0.1:9"],
+                                  "cannot use the MLflow store tracking.uri=http://127.0.0.1:9", "tracking=none"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gives_one_clear_message(tmp_path, case):
+    if case.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     overrides, message, fix = CASES[case]
     result = train(tmp_path, *TINY, *overrides(tmp_path))
     assert result.returncode == 2

@@ -87,6 +87,7 @@ def test_mlflow_has_params_tags_metrics_and_artifacts(tiny_run):
 def _eval_loss(adapter_dir, eval_file) -> float:
     """Load base + adapter the plain peft way and score the eval set with the training code's metric."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from omegaconf import OmegaConf
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +102,8 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     prompt = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").system_prompt
     examples, _ = data.tokenize_dataset(data.load_conversations(eval_file), tokenizer, prompt, 256, "truncate")
     loader = data.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
-    return evaluate(model, loader, Accelerator(cpu=True))["eval_loss"]
+    AcceleratorState._reset_state(reset_partial_state=True)  # other tests may have set bf16 in this process
+    return evaluate(model, loader, Accelerator(cpu=True, mixed_precision="no"))["eval_loss"]
 
 
 def test_saved_adapter_reloads_with_the_same_outputs(tiny_run):

@@ -108,11 +108,11 @@ def _validate_data(d: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> str:
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    _require(not name.startswith("cuda") or torch.cuda.is_available(),
+             f"device={name} but PyTorch sees no CUDA GPU here: use device=auto or device=cpu.")
+    return name
 
 
 def resolve_precision(name: str, device: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from peft import set_peft_model_state_dict
@@ -101,6 +102,9 @@ def _tokenize(cfg: DictConfig, tokenizer, train_convs, eval_convs):
 
 def _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set, eval_set) -> float:
     t = cfg.training
+    # accelerate keeps its state per process: without a reset, the jobs of a sweep run in one
+    # process would all train in the first job's precision
+    AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
                               gradient_accumulation_steps=t.gradient_accumulation_steps)
     model = load_model(model_path, cfg.model, precision, str(accelerator.device))
