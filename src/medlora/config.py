@@ -40,6 +40,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_lora(cfg.lora)
     _validate_training(cfg.training)
     _validate_data(cfg.data)
+    _validate_safety(cfg.safety)
 
 
 def _validate_model(m: DictConfig) -> None:
@@ -105,6 +106,14 @@ def _validate_data(d: DictConfig) -> None:
         value = d[key]
         _require(value is None or (isinstance(value, int) and value > 0),
                  f"data.{key}={value!r} is invalid: use a positive integer or null.")
+
+
+def _validate_safety(safety: DictConfig) -> None:
+    _require(safety.content_filter.action in ("drop", "flag"),
+             f"safety.content_filter.action={safety.content_filter.action!r} is invalid: use drop or flag.")
+    _require(safety.output_checks.on_violation in ("block", "rewrite", "refer"),
+             f"safety.output_checks.on_violation={safety.output_checks.on_violation!r} is invalid: "
+             "use block, rewrite or refer.")
 
 
 def resolve_device(name: str) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,11 @@ from transformers import get_scheduler
 
 from medlora import data as medata
 from medlora.adapters import add_adapter
+from medlora.audit import AuditTrail, sha256_file, sha256_text
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
 from medlora.model import _save_atomically, load_model, load_tokenizer, resolve_checkpoint
-from medlora.tracking import Tracker
+from medlora.safety.clean import CleanReport, clean_conversations
+from medlora.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
     precision = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     train_convs, eval_convs = _load_conversations(cfg.data, cfg.seed)
+    train_convs, train_safety = _clean(train_convs, cfg.safety, "train")
+    eval_convs, eval_safety = _clean(eval_convs, cfg.safety, "eval")
     model_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     train_set, eval_set, token_stats = _tokenize(cfg, tokenizer, train_convs, eval_convs)
@@ -70,8 +76,42 @@ def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
     if tracker.url:
         log.info("MLflow run: %s  (open it with `make ui`)", tracker.url)
     tracker.set_tags({"device": device, "precision": precision})
-    tracker.log_metrics(token_stats, step=0)
-    return _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set, eval_set)
+    tracker.log_metrics({**token_stats, **train_safety.metrics("train"), **eval_safety.metrics("eval")}, step=0)
+    audit = _open_audit(cfg, info, tracker)
+    _audit_data(audit, cfg, train_safety, eval_safety)
+    return _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, train_set, eval_set)
+
+
+def _clean(conversations: list, safety: DictConfig, name: str) -> tuple[list, CleanReport]:
+    conversations, report = clean_conversations(conversations, safety)
+    log.info("%s data safety: %d PHI identifiers redacted in %d conversations %s; content filter: %d removed, "
+             "%d flagged %s", name, sum(report.phi.values()), report.conversations_redacted, dict(report.phi),
+             report.conversations_in - report.conversations_out, len(report.flagged), dict(report.content))
+    if not conversations:
+        raise MedloraError(f"the content filter removed every {name} conversation ({dict(report.content)}). "
+                           "Check the data, or keep them for review with safety.content_filter.action=flag.")
+    return conversations, report
+
+
+def _open_audit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> AuditTrail:
+    # the hash names the training setup: paths and tracking differ per run without changing it
+    setup = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("paths", "tracking")}
+    return AuditTrail(info.output_dir / "audit.jsonl", actor=f"{getpass.getuser()}@{socket.gethostname()}",
+                      run_id=tracker.run_id or info.output_dir.name, config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
+                      git_commit=git_commit(cfg.paths.root_dir))
+
+
+def _audit_data(audit: AuditTrail, cfg: DictConfig, train_safety: CleanReport, eval_safety: CleanReport) -> None:
+    files = {key: sha256_file(cfg.data[key]) for key in ("train_file", "eval_file") if cfg.data[key]}
+    audit.record("data_ingest", inputs=files, counts={"train_conversations": train_safety.conversations_in,
+                                                      "eval_conversations": eval_safety.conversations_in})
+    phi = train_safety.phi + eval_safety.phi
+    audit.record("phi_redaction", outcome="redacted" if phi else "clean", counts=dict(phi),
+                 rule_ids=[f"phi.{name}" for name in phi], enabled=bool(cfg.safety.phi_redaction.enabled))
+    content = train_safety.content + eval_safety.content
+    audit.record("content_filter", outcome=cfg.safety.content_filter.action if content else "clean",
+                 counts=dict(content), rule_ids=list(content), enabled=bool(cfg.safety.content_filter.enabled),
+                 flagged_train_positions=train_safety.flagged, flagged_eval_positions=eval_safety.flagged)
 
 
 def _load_conversations(data_cfg: DictConfig, seed: int) -> tuple[list, list]:
@@ -100,7 +140,7 @@ def _tokenize(cfg: DictConfig, tokenizer, train_convs, eval_convs):
     return train_set, eval_set, {**train_stats.as_metrics("train"), **eval_stats.as_metrics("eval")}
 
 
-def _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set, eval_set) -> float:
+def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, train_set, eval_set) -> float:
     t = cfg.training
     # accelerate keeps its state per process: without a reset, the jobs of a sweep run in one
     # process would all train in the first job's precision
@@ -125,27 +165,39 @@ def _fit(cfg, info, tracker, device, precision, model_path, tokenizer, train_set
                               num_training_steps=total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     start_step = _resume(t.resume_from, model, optimizer, scheduler) if t.resume_from else 0
+    audit.record("train_start", counts={"trainable_params": trainable, "total_params": total,
+                                        "train_examples": len(train_set), "total_steps": total_steps},
+                 start_step=start_step, **({"resumed_from": str(t.resume_from)} if t.resume_from else {}))
 
     before = evaluate(model, eval_loader, accelerator)
     log.info("before training: eval loss %.4f, perplexity %.2f", before["eval_loss"], before["eval_perplexity"])
     tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, step=start_step)
+    audit.record("eval", counts=before, step=start_step)
 
-    train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker,
+    train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
                info.output_dir, start_step, total_steps)
 
     after = evaluate(model, eval_loader, accelerator)
     log.info("after training:  eval loss %.4f, perplexity %.2f (before: %.4f, %.2f)", after["eval_loss"],
              after["eval_perplexity"], before["eval_loss"], before["eval_perplexity"])
     tracker.log_metrics(after, step=total_steps)
+    audit.record("eval", counts=after, step=total_steps)
+    audit.record("train_end", step=total_steps)
 
     adapter_dir = _save_adapter(accelerator.unwrap_model(model), tokenizer, info.output_dir / "adapter")
     log.info("adapter saved to %s", adapter_dir)
+    audit.record("adapter_export", outputs=_hashes(adapter_dir))
+    tracker.set_tags({"audit_head": audit.head})
     _log_artifacts(cfg, tracker, info.output_dir, adapter_dir)
     return after["eval_loss"]
 
 
-def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, output_dir,
-               start_step: int, total_steps: int) -> None:
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
+               output_dir, start_step: int, total_steps: int) -> None:
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     accum = t.gradient_accumulation_steps
@@ -186,8 +238,11 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
                 scores = evaluate(model, eval_loader, accelerator)
                 log.info("step %d: eval loss %.4f, perplexity %.2f", step, scores["eval_loss"], scores["eval_perplexity"])
                 tracker.log_metrics(scores, step)
+                audit.record("eval", counts=scores, step=step)
             if t.save_every and step % t.save_every == 0:
-                _save_checkpoint(model, optimizer, scheduler, accelerator, output_dir / "checkpoints" / f"step_{step}", step)
+                folder = output_dir / "checkpoints" / f"step_{step}"
+                _save_checkpoint(model, optimizer, scheduler, accelerator, folder, step)
+                audit.record("checkpoint", outputs=_hashes(folder), step=step)
             if step >= total_steps:
                 break
     bar.close()
@@ -274,5 +329,5 @@ def _log_artifacts(cfg: DictConfig, tracker: Tracker, output_dir: Path, adapter_
         tracker.log_artifact(adapter_dir, "adapter")
     for handler in logging.getLogger().handlers:
         handler.flush()
-    for log_file in output_dir.glob("*.log"):
+    for log_file in [*output_dir.glob("*.log"), output_dir / "audit.jsonl"]:
         tracker.log_artifact(log_file)

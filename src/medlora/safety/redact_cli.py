@@ -1,0 +1,207 @@
+"""`python -m medlora.safety redact`: redact PHI in a JSONL dataset, filter harmful conversations, write atomically.
+
+    python -m medlora.safety redact --in data.jsonl --out clean.jsonl [--report report.json]
+        [--content-action drop|flag] [--categories NAME,DATE,...]
+
+Input lines may be OpenAI messages, alpaca or prompt/completion records (as `medlora.data` reads them); output
+lines are `{"messages": [...]}` plus the record's other fields, whose strings are redacted too. Every line is read
+and checked before anything is written; the output and the report go to temporary files beside their targets and
+are moved into place with os.replace, so a crash never leaves a partial file where a good one was. A problem the
+user can fix exits with status 2 and one message on stderr. The report holds counts and hashes, never raw text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from medlora.config import MedloraError
+from medlora.data import read_jsonl, to_messages
+from medlora.safety.content import ACTIONS, RULES, classify_conversation, filter_conversations
+from medlora.safety.phi import CATEGORIES, PhiRedactor
+from medlora.safety.settings import medical_defaults
+
+FORMAT_KEYS = ("messages", "instruction", "input", "output", "prompt", "completion")
+PROG = "python -m medlora.safety redact"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Redact PHI and filter harmful content in a JSONL dataset.")
+    parser.add_argument("--in", dest="input", required=True, help="JSONL conversations to clean")
+    parser.add_argument("--out", required=True, help="where to write the cleaned JSONL (replaced atomically)")
+    parser.add_argument("--report", help="where to write a JSON report of counts and SHA-256 hashes")
+    parser.add_argument("--content-action", choices=ACTIONS, default="drop",
+                        help="drop flagged conversations, or keep them with a `content_flags` field (default: drop)")
+    parser.add_argument("--categories", help=f"comma-separated PHI categories to redact (default: all of "
+                                             f"{','.join(CATEGORIES)})")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["redact"]:  # called with the sub-command still in front
+        argv = argv[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse has printed the usage error (status 2) or --help (status 0)
+        return int(stop.code or 0)
+    try:
+        report = run(args)
+    except MedloraError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return 2
+    conversations = report["conversations"]
+    print(f"{conversations['in']} conversations in, {conversations['out']} out ({conversations['dropped']} dropped, "
+          f"{conversations['flagged']} flagged); {report['phi_total']} PHI placeholders; wrote {args.out}"
+          + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Read and check everything, redact and filter in memory, then write output and report together."""
+    source, out = Path(args.input), Path(args.out)
+    rows = _read(source)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    settings = {k: v for k, v in medical_defaults()["phi_redaction"].items() if k != "enabled"}  # conf/safety/medical.yaml
+    redactor = PhiRedactor.from_config({**settings, **({"categories": categories} if categories else {})})
+    records, phi, redacted = _redact_rows(rows, source, redactor)
+    kept, content, flagged = _filter(records, args.content_action)
+    output = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
+    report = {
+        "input": str(source), "output": str(out),
+        "input_sha256": _sha256(source.read_bytes()), "output_sha256": _sha256(output),
+        "conversations": {"in": len(records), "out": len(kept), "dropped": len(records) - len(kept),
+                          "flagged": len(flagged), "redacted": redacted},
+        "content_action": args.content_action,
+        "phi_categories": sorted(redactor.categories),
+        "phi": {category: phi[category] for category in CATEGORIES},
+        "phi_total": sum(phi.values()),
+        "content": {rule: content[rule] for rule in RULES},
+        "flagged_lines": [rows[i][0] for i in flagged],  # input line numbers, to review by hand
+    }
+    writes = {out: output}
+    if args.report:
+        writes[Path(args.report)] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
+    _write_all_atomically(writes)
+    return report
+
+
+def _redact_rows(rows: list[tuple[int, dict]], source: Path, redactor: PhiRedactor
+                 ) -> tuple[list[dict], Counter, int]:
+    """Each row as `{"messages": [...], **other fields}`, all redacted; PHI counts; rows that had any."""
+    records, phi, redacted = [], Counter(), 0
+    for number, row in rows:
+        messages, counts = redactor.redact_messages(to_messages(row, f"{source}:{number}"))
+        extra, extra_counts = _redact_fields({k: v for k, v in row.items() if k not in FORMAT_KEYS}, redactor)
+        counts.update(extra_counts)
+        phi.update(counts)
+        redacted += bool(counts)
+        records.append({"messages": messages, **extra})
+    return records, phi, redacted
+
+
+def _filter(records: list[dict], action: str) -> tuple[list[dict], Counter, list[int]]:
+    """Drop flagged records, or keep them marked with the rules they broke."""
+    _, counts, flagged = filter_conversations([r["messages"] for r in records], action="flag")
+    if action == "flag":
+        for index in flagged:
+            records[index]["content_flags"] = classify_conversation(records[index]["messages"])
+        return records, counts, flagged
+    dropped = set(flagged)
+    return [r for i, r in enumerate(records) if i not in dropped], counts, flagged
+
+
+def _read(source: Path) -> list[tuple[int, dict]]:
+    if not source.is_file():
+        raise MedloraError(f"input file {source} not found. Give an existing JSONL file with --in.")
+    try:
+        rows = read_jsonl(source)
+    except UnicodeDecodeError as err:
+        raise MedloraError(f"{source} is not UTF-8 text ({err.reason} at byte {err.start}). "
+                           "Save it as UTF-8 JSONL, one conversation per line.") from err
+    except OSError as err:
+        raise MedloraError(f"cannot read {source}: {err.strerror}. Check the path and its permissions.") from err
+    if not rows:
+        raise MedloraError(f"{source} has no conversations: the file is empty. Give a JSONL file with one "
+                           "conversation per line.")
+    return rows
+
+
+def _redact_fields(value, redactor: PhiRedactor) -> tuple[object, Counter]:
+    """Metadata can carry PHI too (a `note`, an `author`): redact every string inside it."""
+    if isinstance(value, str):
+        return redactor.redact(value)
+    counts: Counter = Counter()
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            result[key], found = _redact_fields(item, redactor)
+            counts.update(found)
+        return result, counts
+    if isinstance(value, list):
+        result = []
+        for item in value:
+            redacted, found = _redact_fields(item, redactor)
+            result.append(redacted)
+            counts.update(found)
+        return result, counts
+    return value, counts
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_all_atomically(writes: dict[Path, bytes]) -> None:
+    """Stage every file first, then move them all into place: one unwritable target leaves nothing written."""
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in writes.items():
+            staged.append((_stage(path, data), path))
+        for temp, path in staged:
+            os.replace(temp, path)
+    finally:
+        for temp, _ in staged:
+            if os.path.exists(temp):
+                os.unlink(temp)
+
+
+def _stage(path: Path, data: bytes) -> str:
+    """Write `data` to a temporary file in `path`'s folder (same filesystem, so os.replace is atomic)."""
+    if path.is_dir():
+        raise MedloraError(f"cannot write {path}: it is a folder. Give a file path.")
+    try:
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise MedloraError(f"cannot write {path}: {err.strerror}. Choose an existing folder you can write to.") from err
+    try:
+        os.chmod(temp, _file_mode(path))  # mkstemp makes 0600 files; keep the mode a plain write would give
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the file
+    except OSError as err:
+        os.unlink(temp)
+        raise MedloraError(f"cannot write {path}: {err.strerror}. Free some space or choose another folder.") from err
+    except BaseException:
+        os.unlink(temp)
+        raise
+    return temp
+
+
+def _file_mode(path: Path) -> int:
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+if __name__ == "__main__":
+    sys.exit(main())

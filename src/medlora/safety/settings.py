@@ -1,0 +1,17 @@
+"""conf/safety/medical.yaml for code that runs outside Hydra (the `screen` command, library use):
+the reply texts, numbers and messages live there and nowhere else."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(os.environ.get("MEDLORA_ROOT") or Path(__file__).resolve().parents[3])
+
+
+@functools.lru_cache(maxsize=1)
+def medical_defaults() -> dict:
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml"), resolve=True)
