@@ -102,3 +102,10 @@ def test_collate_pads_right_and_masks_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_non_utf8_file_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"prompt": "fièvre", "completion": "a"}\n'.encode("latin-1"))
+    with pytest.raises(MedloraError, match="latin1.jsonl is not UTF-8 text"):
+        data.load_conversations(path)

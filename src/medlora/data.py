@@ -22,19 +22,22 @@ ROLES = ("system", "user", "assistant")
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; a bad line is reported with file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise MedloraError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 JSONL.") from err
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise MedloraError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
-                                   "Each line must be one JSON object.") from err
-            if not isinstance(row, dict):
-                raise MedloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
-            rows.append((number, row))
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MedloraError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
+                               "Each line must be one JSON object.") from err
+        if not isinstance(row, dict):
+            raise MedloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
+        rows.append((number, row))
     return rows
 
 

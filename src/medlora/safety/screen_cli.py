@@ -18,6 +18,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from medlora.config import MedloraError
+from medlora.data import read_jsonl
 from medlora.safety.settings import medical_defaults
 from medlora.safety.triage import Decision, Triage
 
@@ -69,23 +71,13 @@ def read_prompts(path: Path) -> list[tuple[object, str, str | None]]:
                           '{"id": ..., "prompt": ...} object per line.')
     if not path.is_file():
         raise ScreenError(f"--in {path} is not a file: pass a JSONL file.")
-    prompts = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise ScreenError(f"--in {path} is not UTF-8 text ({err.reason}): save it as UTF-8 JSONL.") from err
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ScreenError(f"{where}: not valid JSON ({err.msg} at column {err.colno}): "
-                              "each line must be one JSON object.") from err
-        if not isinstance(row, dict):
-            raise ScreenError(f"{where}: expected a JSON object, got {type(row).__name__}: {PROMPT_HELP}.")
-        text, context = _text_of(row, where)
+        rows = read_jsonl(path)
+    except MedloraError as err:
+        raise ScreenError(str(err)) from err
+    prompts = []
+    for number, row in rows:
+        text, context = _text_of(row, f"{path}:{number}")
         prompts.append((row.get("id", number), text, context))
     return prompts
 
