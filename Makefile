@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medlora-installed
 ARGS ?=
 
-.PHONY: install train test test-fast ui clean
+.PHONY: install train test test-fast ui infer evaluate clean
 
 install: $(STAMP)
 
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 # the default fine-tuning run; pass overrides with ARGS="lora.rank=16 training.max_steps=20"
 train: $(STAMP)
 	$(PY) train.py $(ARGS)
+
+# talk to a trained adapter through the safety layer: ARGS="run_id=<id> prompt='What is gout?'"
+infer: $(STAMP)
+	$(PY) infer.py $(ARGS)
+
+# base vs adapter perplexity (medical and general text), safety metrics, sample generations: ARGS="run_id=<id>"
+evaluate: $(STAMP)
+	$(PY) evaluate.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)

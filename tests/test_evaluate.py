@@ -1,0 +1,129 @@
+"""`python evaluate.py` on a tiny trained adapter: perplexity base vs adapter, safety metrics, MLflow eval run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY, conversation, mlflow_client, train, write_jsonl
+from omegaconf import OmegaConf
+
+from test_infer import compose, forget_download
+
+from medlora.config import MedloraError
+from medlora.infer import Reply
+from medlora.train import RunInfo
+
+QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
+      ("What does LDL measure?", "The cholesterol carried by low-density lipoprotein."),
+      ("How is asthma treated?", "With inhaled controllers and a reliever inhaler for symptoms."),
+      ("What is anemia?", "Too few red blood cells or too little hemoglobin to carry oxygen."),
+      ("What does TSH test?", "How well the thyroid gland is working."),
+      ("What is eczema?", "A condition that makes skin dry, itchy and inflamed.")]
+SAMPLES, GENERATIONS = 2, 2
+# fp32 and no dropout: the evaluation's adapter loss must equal the training run's final eval loss
+OVERFIT = [*TINY, "data=jsonl", "training.max_steps=6", "training.batch_size=3", "training.gradient_accumulation_steps=1",
+           "training.learning_rate=1e-2", "training.lr_scheduler=constant", "training.warmup_ratio=0", "lora.dropout=0",
+           "precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evaluate")
+    qa = write_jsonl(tmp / "qa.jsonl", [conversation(q, a) for q, a in QA])
+    trained = train(tmp, *OVERFIT, f"data.train_file={qa}", f"data.eval_file={qa}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    client = mlflow_client(tmp)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={tmp}/eval", f"run_id={run.info.run_id}",
+           f"tracking.uri=sqlite:///{tmp}/mlflow.db", "precision=fp32", f"evaluation.medical_file={qa}",
+           f"evaluation.safety_samples={SAMPLES}", f"evaluation.generations={GENERATIONS}", "inference.max_new_tokens=6"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp / "eval" / "evaluation.json").read_text())
+    yield tmp, client, run, result, metrics
+    forget_download(run.info.run_id)
+
+
+def test_held_out_perplexity_matches_training_and_drops_with_the_adapter(evaluated):
+    _, _, run, _, metrics = evaluated
+    # same data, weights, dtype and loss: the numbers training logged, to float precision
+    assert metrics["medical_loss"] == pytest.approx(run.data.metrics["eval_loss"], rel=1e-6)
+    assert metrics["medical_loss_base"] == pytest.approx(run.data.metrics["eval_loss_before"], rel=1e-6)
+    assert metrics["medical_perplexity"] < metrics["medical_perplexity_base"]
+    for name in ("medical", "general"):
+        for suffix in ("", "_base"):
+            assert metrics[f"{name}_perplexity{suffix}"] == pytest.approx(math.exp(metrics[f"{name}_loss{suffix}"]))
+
+
+def test_report_shows_base_and_adapter_side_by_side(evaluated):
+    _, _, _, result, metrics = evaluated
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["base", "adapter"]
+    medical = next(r for r in rows if r.startswith("medical_perplexity")).split()
+    assert [float(v) for v in medical[1:]] == [round(metrics["medical_perplexity_base"], 4),
+                                               round(metrics["medical_perplexity"], 4)]
+    assert f"(n={SAMPLES})" in next(r for r in rows if r.startswith("over_refusal"))
+
+
+def test_safety_metrics_come_from_real_replies(evaluated):
+    tmp, _, _, _, metrics = evaluated
+    for name in ("emergency_detection", "crisis_detection", "harmful_compliance", "over_refusal"):
+        assert 0 <= metrics[name] <= 1 and 0 <= metrics[f"{name}_base"] <= 1
+    rows = [json.loads(line) for line in (tmp / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == GENERATIONS + 4  # the medical prompts, then the first sampled prompt of each safety set
+    triaged = [r for r in rows if r["safety_action"] in ("emergency", "crisis", "refuse")]
+    # triage answers before any model: base and adapter get the same fixed reply
+    assert all(r["base_answer"] == r["adapter_answer"] and r["base_safety_action"] == r["safety_action"] for r in triaged)
+    events = [json.loads(line)["event_type"] for line in (tmp / "eval" / "audit.jsonl").read_text().splitlines()]
+    assert events.count("inference_triage") == 2 * (GENERATIONS + 4 * SAMPLES)
+
+
+def test_eval_run_is_nested_under_the_training_run(evaluated):
+    _, client, run, _, metrics = evaluated
+    (child,) = client.search_runs([run.info.experiment_id], filter_string="tags.`medlora.role` = 'evaluation'")
+    assert child.data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert child.data.tags["medlora.evaluated_run"] == run.info.run_id
+    assert child.data.metrics == pytest.approx(metrics)
+    assert child.data.params["evaluation.safety_samples"] == str(SAMPLES)
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+    assert {"generations.json", "evaluation.json", "audit.jsonl"} <= artifacts
+    table = json.load(open(client.download_artifacts(child.info.run_id, "generations.json")))
+    assert table["columns"] == ["id", "prompt", "base_answer", "adapter_answer", "safety_action", "base_safety_action"]
+    assert len(table["data"]) == GENERATIONS + 4
+
+
+def _reply(action: str, text: str = "", model_called: bool = True) -> Reply:
+    return Reply(text, action, model_called=model_called)
+
+
+def test_safety_metric_definitions():
+    safety = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml")
+    from medlora.evaluate import safety_metrics
+
+    replies = {
+        "emergency": [_reply("emergency", model_called=False), _reply("pass", "Call 911 right away."),
+                      _reply("pass", "Rest and drink water."), _reply("pass", "Go to the emergency room now.")],
+        "crisis": [_reply("crisis", model_called=False), _reply("pass", "You can call or text 988."),
+                   _reply("pass", "Try to sleep more.")],
+        "harmful": [_reply("refuse", model_called=False), _reply("block"), _reply("rewrite"), _reply("pass")],
+        "benign": [_reply("pass"), _reply("refuse", model_called=False), _reply("block"), _reply("refer"), _reply("rewrite")],
+    }
+    assert safety_metrics(replies, safety) == {"emergency_detection": 3 / 4, "crisis_detection": 2 / 3,
+                                               "harmful_compliance": 2 / 4, "over_refusal": 2 / 5}
+
+
+def test_a_missing_safety_set_is_one_clear_message(evaluated, tmp_path):
+    tmp, _, run, _, _ = evaluated
+    from medlora.evaluate import run as evaluate
+
+    overrides = [f"run_id={run.info.run_id}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                 f"evaluation.safety_sets_dir={tmp_path}/nope"]
+    with pytest.raises(MedloraError, match="emergency.jsonl does not exist: set evaluation.safety_sets_dir"):
+        evaluate(compose("evaluate", overrides), RunInfo(output_dir=tmp_path / "eval", overrides=tuple(overrides)))
+    assert not (tmp_path / "eval").exists()
