@@ -1,41 +1,18 @@
 """Evaluate an adapter against its base model: perplexity, safety metrics, sample generations (conf/evaluate.yaml)."""
 
-import logging
-import os
-import shutil
-import sys
-import warnings
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent
-os.environ.setdefault("MEDLORA_ROOT", str(ROOT))  # conf/paths derives every path from it
-# noise that asks nothing of the user: bitsandbytes looks for an optional Hub kernel at import
-# (its CPU path works without it), and peft calls a transformers method renamed in v5
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+from medlora.cli import exit_on_user_error, run_info  # first: sets the project root, quiets import noise
 
 import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from medlora.config import MedloraError  # noqa: E402
 from medlora.evaluate import run  # noqa: E402
-from medlora.train import RunInfo  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    hydra_cfg = HydraConfig.get()
-    info = RunInfo(output_dir=Path(hydra_cfg.runtime.output_dir), overrides=tuple(hydra_cfg.overrides.task))
-    try:
-        return run(cfg, info)["medical_perplexity"]
-    except MedloraError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if not (info.output_dir / "evaluation.json").exists():
-            # no report was written: leave no folder that looks like one
-            logging.shutdown()
-            shutil.rmtree(info.output_dir, ignore_errors=True)
-        sys.exit(2)
+    info = run_info()
+    # sweepers read the returned value; a folder without a report is removed after an error
+    return exit_on_user_error(lambda: run(cfg, info)["medical_perplexity"], info, results=("evaluation.json",))
 
 
 if __name__ == "__main__":
