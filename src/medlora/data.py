@@ -5,7 +5,10 @@ Loss is computed on assistant tokens only: system, user and template tokens get 
 
 from __future__ import annotations
 
+import bisect
 import functools
+import hashlib
+import itertools
 import json
 import math
 import random
@@ -108,6 +111,14 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         # trailing whitespace after the end-of-turn token is template layout, not the reply
         spans.append((start, len(upto.rstrip())))
     return text, spans
+
+
+def fingerprint(tokenizer) -> str:
+    """A hash of what decides a tokenizer's output: vocabulary and rules, special tokens, chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    rules = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    special = json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str)
+    return hashlib.sha256("\0".join([rules, special, str(tokenizer.chat_template)]).encode()).hexdigest()
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
@@ -220,8 +231,87 @@ class LengthGroupedBatches:
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
+def collate_packed(examples: list[Example]) -> dict:
+    """Conversations laid end to end in one row, with no padding and no attention mask.
+
+    position_ids restart at 0 for each conversation, which is how transformers tells the
+    conversations apart (a 2-D attention mask would switch that off and let them attend to each
+    other). cu_seq_lens marks the boundaries for attention kernels that run per conversation:
+    flash-attention's varlen path, and medlora's `sdpa_varlen` (medlora.model).
+    """
+    lengths = [len(e.input_ids) for e in examples]
+    labels = [label for e in examples for label in [IGNORE, *e.labels[1:]]]  # no target across a boundary
+    bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    return {"input_ids": torch.tensor([[t for e in examples for t in e.input_ids]]),
+            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+            "labels": torch.tensor([labels]),
+            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+            "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens that carry a label: the model predicts token t+1 at position t, so the first never does."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def real_tokens(batch: dict) -> int:
+    """Tokens of the conversations in a micro-batch, padding excluded."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+@dataclass
+class PackedBatches:
+    """Micro-batches of up to `tokens` tokens, filled best-fit-decreasing; a new order each epoch.
+
+    Best-fit decreasing leaves a few percent of each budget empty at most, so nearly every
+    micro-batch carries the same number of tokens, whatever the spread of conversation lengths.
+    """
+
+    lengths: list[int]
+    tokens: int
+    seed: int
+    shuffle: bool = True
+    epoch: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.batches = pack(self.lengths, self.tokens)
+
+    def __iter__(self):
+        order = list(range(len(self.batches)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        self.epoch += 1
+        yield from (self.batches[i] for i in order)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices grouped so each group's lengths sum to at most `capacity`."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin number), kept sorted
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        spot = bisect.bisect_left(free, (lengths[i], -1))
+        if spot == len(free):
+            bins.append([i])
+            left, number = capacity - lengths[i], len(bins) - 1
+        else:
+            left, number = free.pop(spot)
+            bins[number].append(i)
+            left -= lengths[i]
+        bisect.insort(free, (left, number))
+    return bins
+
+
 def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, train: bool,
-                group_by_length: bool = True) -> torch.utils.data.DataLoader:
-    sampler = LengthGroupedBatches([len(e.input_ids) for e in examples], batch_size, seed,
-                                   group_by_length=group_by_length, shuffle=train)
+                group_by_length: bool = True, packed_tokens: int = 0) -> torch.utils.data.DataLoader:
+    """Padded batches of `batch_size` conversations, or packed micro-batches of `packed_tokens` tokens."""
+    lengths = [len(e.input_ids) for e in examples]
+    if packed_tokens:
+        sampler = PackedBatches(lengths, packed_tokens, seed, shuffle=train)
+        return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate_packed)
+    sampler = LengthGroupedBatches(lengths, batch_size, seed, group_by_length=group_by_length, shuffle=train)
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))

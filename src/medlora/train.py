@@ -6,6 +6,8 @@ import getpass
 import json
 import logging
 import math
+import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from medlora import data as medata
+from medlora import loss as medlora_loss
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail, sha256_file, sha256_text
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
@@ -30,6 +33,9 @@ from medlora.safety.clean import CleanReport, clean_conversations
 from medlora.tracking import Tracker, git_commit
 
 log = logging.getLogger(__name__)
+
+# bump when cleaning or tokenization changes what they produce, so old cache entries are not reused
+DATA_CACHE_VERSION = 1
 
 
 @dataclass
@@ -65,11 +71,9 @@ def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
     precision = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     train_convs, eval_convs = _load_conversations(cfg.data, cfg.seed)
-    train_convs, train_safety = _clean(train_convs, cfg.safety, "train")
-    eval_convs, eval_safety = _clean(eval_convs, cfg.safety, "eval")
     model_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
-    train_set, eval_set, token_stats = _tokenize(cfg, tokenizer, train_convs, eval_convs)
+    train_set, eval_set, token_stats, train_safety, eval_safety = _prepare_data(cfg, tokenizer, train_convs, eval_convs)
 
     if tracker.run_id is None:
         tracker.start(info.sweep_dir, list(info.overrides))
@@ -80,6 +84,40 @@ def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
     audit = _open_audit(cfg, info, tracker)
     _audit_data(audit, cfg, train_safety, eval_safety)
     return _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, train_set, eval_set)
+
+
+def _prepare_data(cfg: DictConfig, tokenizer, train_convs: list, eval_convs: list) -> tuple:
+    """Clean and tokenize, or reuse the result of an earlier run that had the same inputs.
+
+    PHI redaction and tokenization take about a minute on the 14k MedQuAD conversations; every
+    job of a sweep over LoRA or optimizer settings would otherwise repeat it.
+    """
+    cached = Path(cfg.paths.cache_dir) / "data" / f"{_data_key(cfg, tokenizer)}.pkl"
+    if cfg.training.cache_data and cached.is_file():
+        log.info("cleaned and tokenized data reused from %s (training.cache_data=false rebuilds it)", cached)
+        return pickle.loads(cached.read_bytes())
+    train_convs, train_safety = _clean(train_convs, cfg.safety, "train")
+    eval_convs, eval_safety = _clean(eval_convs, cfg.safety, "eval")
+    prepared = (*_tokenize(cfg, tokenizer, train_convs, eval_convs), train_safety, eval_safety)
+    if cfg.training.cache_data:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_bytes(pickle.dumps(prepared))
+        os.replace(partial, cached)  # parallel jobs of a sweep may race: each write is whole
+    return prepared
+
+
+def _data_key(cfg: DictConfig, tokenizer) -> str:
+    """Everything that shapes the cleaned, tokenized data: file contents, data and safety settings,
+    the tokenizer's vocabulary and chat template, and how long conversations are handled."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    files = {k: sha256_file(data[k]) for k in ("train_file", "eval_file") if data.get(k)}
+    safety = {k: OmegaConf.to_container(cfg.safety, resolve=True).get(k)
+              for k in ("phi_redaction", "content_filter", "system_prompt")}
+    parts = {"version": DATA_CACHE_VERSION, "files": files, "data": data, "safety": safety,
+             "split_seed": None if data.get("eval_file") else cfg.seed, "tokenizer": medata.fingerprint(tokenizer),
+             "max_seq_len": cfg.training.max_seq_len, "overlong": cfg.training.overlong}
+    return sha256_text(json.dumps(parts, sort_keys=True, default=str))[:24]
 
 
 def _clean(conversations: list, safety: DictConfig, name: str) -> tuple[list, CleanReport]:
@@ -145,18 +183,20 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     # accelerate keeps its state per process: without a reset, the jobs of a sweep run in one
     # process would all train in the first job's precision
     AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision,
-                              gradient_accumulation_steps=t.gradient_accumulation_steps)
-    model = load_model(model_path, cfg.model, precision, str(accelerator.device))
-    model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing)
+    # gradient accumulation is written out in train_loop, so each token weighs the same across micro-batches
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
+    model = load_model(model_path, cfg.model, precision, str(accelerator.device), packed=t.packing)
+    model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing, fast_dropout=t.fast_dropout,
+                                          autocast=precision != "fp32")
+    chunked = t.chunked_loss and medlora_loss.supports_chunked_loss(model)
     tracker.log_params({"trainable_params": trainable, "total_params": total,
                         "trainable_percent": f"{100 * trainable / total:.4f}", "resolved_precision": precision,
                         "resolved_device": device})
 
-    pad_id = tokenizer.pad_token_id
+    pad_id, packed_tokens = tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
     train_loader = medata.make_loader(train_set, t.batch_size, pad_id, cfg.seed, train=True,
-                                      group_by_length=t.group_by_length)
-    eval_loader = medata.make_loader(eval_set, t.batch_size, pad_id, cfg.seed, train=False)
+                                      group_by_length=t.group_by_length, packed_tokens=packed_tokens)
+    eval_loader = medata.make_loader(eval_set, t.batch_size, pad_id, cfg.seed, train=False, packed_tokens=packed_tokens)
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -169,18 +209,22 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
                                         "train_examples": len(train_set), "total_steps": total_steps},
                  start_step=start_step, **({"resumed_from": str(t.resume_from)} if t.resume_from else {}))
 
-    before = evaluate(model, eval_loader, accelerator)
+    before = evaluate(model, eval_loader, accelerator, chunked)
     log.info("before training: eval loss %.4f, perplexity %.2f", before["eval_loss"], before["eval_perplexity"])
     tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, step=start_step)
     audit.record("eval", counts=before, step=start_step)
 
-    train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
-               info.output_dir, start_step, total_steps)
+    speed = train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
+                       info.output_dir, start_step, total_steps, chunked)
+    log.info("throughput: %.1f tokens/s (%.1f supervised) over %d steps", speed["train_tokens_per_second"],
+             speed["train_supervised_tokens_per_second"], total_steps - start_step)
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        speed["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
-    after = evaluate(model, eval_loader, accelerator)
+    after = evaluate(model, eval_loader, accelerator, chunked)
     log.info("after training:  eval loss %.4f, perplexity %.2f (before: %.4f, %.2f)", after["eval_loss"],
              after["eval_perplexity"], before["eval_loss"], before["eval_perplexity"])
-    tracker.log_metrics(after, step=total_steps)
+    tracker.log_metrics({**after, **speed}, step=total_steps)
     audit.record("eval", counts=after, step=total_steps)
     audit.record("train_end", step=total_steps)
 
@@ -197,92 +241,106 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
-               output_dir, start_step: int, total_steps: int) -> None:
+               output_dir, start_step: int, total_steps: int, chunked: bool) -> dict[str, float]:
+    """Train to `total_steps`; return the throughput over the whole loop, evals and checkpoints excluded."""
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     accum = t.gradient_accumulation_steps
     # place the sampler where the checkpoint left off, so a resumed run sees the same batches
     consumed = start_step * accum
     train_loader.batch_sampler.epoch = consumed // len(train_loader)
-    skip = consumed % len(train_loader)
+    micro_batches = _endless(train_loader, skip=consumed % len(train_loader))
 
-    step, window = start_step, _Window()
+    step, totals = start_step, _Throughput()
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
     model.train()
     while step < total_steps:
-        for batch in train_loader:
+        started = time.perf_counter()
+        window = [_to_device(next(micro_batches), accelerator.device) for _ in range(accum)]
+        # every supervised token of the optimizer step weighs the same, whichever micro-batch holds it
+        supervised = sum(medata.supervised_tokens(batch) for batch in window)
+        loss_total = 0.0
+        for batch in window:
+            # autocast is explicit: the chunked loss calls the decoder, not the wrapped model forward
+            with accelerator.autocast():
+                loss_sum, _ = medlora_loss.loss_sum(model, batch, chunked)
+            accelerator.backward(loss_sum / supervised)
+            loss_total += loss_sum.item()
+        # with max_grad_norm=0 the norm is still measured and logged, just not clipped
+        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        step += 1
+
+        seconds = time.perf_counter() - started
+        tokens = sum(medata.real_tokens(batch) for batch in window)
+        totals.add(tokens, supervised, seconds)
+        metrics = {"train_loss": loss_total / supervised, "learning_rate": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds,
+                   "supervised_tokens_per_second": supervised / seconds}
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
+                        tok_s=f"{metrics['tokens_per_second']:.0f}")
+        if t.log_every and step % t.log_every == 0:
+            tracker.log_metrics(metrics, step)
+        if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+            scores = evaluate(model, eval_loader, accelerator, chunked)
+            log.info("step %d: eval loss %.4f, perplexity %.2f", step, scores["eval_loss"], scores["eval_perplexity"])
+            tracker.log_metrics(scores, step)
+            audit.record("eval", counts=scores, step=step)
+        if t.save_every and step % t.save_every == 0:
+            folder = output_dir / "checkpoints" / f"step_{step}"
+            _save_checkpoint(model, optimizer, scheduler, accelerator, folder, step)
+            audit.record("checkpoint", outputs=_hashes(folder), step=step)
+    bar.close()
+    return totals.summary()
+
+
+def _endless(loader, skip: int):
+    """Micro-batches epoch after epoch (the sampler reshuffles each epoch), after skipping `skip`."""
+    while True:
+        for batch in loader:
             if skip:
                 skip -= 1
                 continue
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    # with max_grad_norm=0 the norm is still measured and logged, just not clipped
-                    grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window.add(loss, batch)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            metrics = window.flush(grad_norm, scheduler.get_last_lr()[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                            tok_s=f"{metrics['tokens_per_second']:.0f}")
-            if t.log_every and step % t.log_every == 0:
-                tracker.log_metrics(metrics, step)
-            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
-                scores = evaluate(model, eval_loader, accelerator)
-                log.info("step %d: eval loss %.4f, perplexity %.2f", step, scores["eval_loss"], scores["eval_perplexity"])
-                tracker.log_metrics(scores, step)
-                audit.record("eval", counts=scores, step=step)
-            if t.save_every and step % t.save_every == 0:
-                folder = output_dir / "checkpoints" / f"step_{step}"
-                _save_checkpoint(model, optimizer, scheduler, accelerator, folder, step)
-                audit.record("checkpoint", outputs=_hashes(folder), step=step)
-            if step >= total_steps:
-                break
-    bar.close()
+            yield batch
 
 
-class _Window:
-    """Loss and token counts since the last optimizer step; tokens/s counts non-padding tokens."""
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class _Throughput:
+    """Tokens per second over the optimizer steps, evals and checkpoints excluded.
+
+    tokens/s counts the tokens of the conversations (padding excluded); supervised tokens/s counts
+    the tokens that have a label, i.e. the assistant replies the loss is computed on.
+    """
 
     def __init__(self) -> None:
-        self.losses, self.tokens, self.supervised, self.start = [], 0, 0, time.perf_counter()
+        self.tokens, self.supervised, self.seconds = 0, 0, 0.0
 
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
-        self.losses.append(loss.detach().float().item())
-        self.tokens += int(batch["attention_mask"].sum())
-        self.supervised += int((batch["labels"][:, 1:] != medata.IGNORE).sum())
+    def add(self, tokens: int, supervised: int, seconds: float) -> None:
+        self.tokens, self.supervised, self.seconds = self.tokens + tokens, self.supervised + supervised, self.seconds + seconds
 
-    def flush(self, grad_norm, lr: float) -> dict[str, float]:
-        seconds = time.perf_counter() - self.start
-        metrics = {"train_loss": sum(self.losses) / len(self.losses), "learning_rate": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_second": self.tokens / seconds,
-                   "supervised_tokens_per_second": self.supervised / seconds}
-        self.__init__()
-        return metrics
+    def summary(self) -> dict[str, float]:
+        return {"train_tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+                "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> dict[str, float]:
+def evaluate(model, loader, accelerator, chunked: bool = False) -> dict[str, float]:
     """Token-weighted mean loss over every supervised token of the eval set, and its perplexity."""
     model.eval()
-    loss_sum, count = 0.0, 0
+    total, count = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            loss = model(**batch).loss
-        # the model averages over the shifted labels; undo that to weight every token equally
-        n = int((batch["labels"][:, 1:] != medata.IGNORE).sum())
-        loss_sum += loss.float().item() * n
+            loss_sum, n = medlora_loss.loss_sum(model, _to_device(batch, accelerator.device), chunked)
+        total += loss_sum.float().item()
         count += n
     model.train()
-    mean = loss_sum / count
+    mean = total / count
     return {"eval_loss": mean, "eval_perplexity": math.exp(mean)}
 
 

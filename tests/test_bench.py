@@ -1,0 +1,26 @@
+"""The throughput benchmark runs end to end (on the tiny model: its figures mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_benchmark_writes_its_table_and_json(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", "tiny_random",
+                           "--samples", "8", "--eval-samples", "4", "--max-seq-len", "128",
+                           "--settings", "medlora,trl-fastest", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((tmp_path / "train_throughput.json").read_text())
+    assert [r["setting"] for r in report["results"]] == ["medlora", "trl-fastest"]
+    for r in report["results"]:
+        assert r["real_tokens_per_second"] > r["supervised_tokens_per_second"] > 0
+        assert r["peak_rss_gb"] > 0.1 and r["eval_loss"] > 0
+    # both read the same held-out set with the same code before training
+    assert abs(report["results"][0]["eval_loss_before"] - report["results"][1]["eval_loss_before"]) < 1e-2
+    table = (tmp_path / "train_throughput.md").read_text()
+    assert "| medlora | bf16 |" in table and "Definitions:" in table and "MFU" in table

@@ -1,0 +1,150 @@
+"""The speed paths compute the same maths as the plain ones: packing, the chunked loss, fast dropout."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, TINY, mlflow_client, train
+from medlora import data as medata
+from medlora.adapters import FastDropout, add_adapter
+from medlora.loss import loss_sum
+from medlora.model import load_model, resolve_checkpoint
+
+
+def _tiny(packed: bool, attn: str = "sdpa"):
+    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    model_cfg.attn_implementation = attn
+    path, _ = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), seed=42)
+    return load_model(path, model_cfg, "fp32", "cpu", packed=packed).eval()
+
+
+def _examples(n: int = 5, seed: int = 0) -> list[medata.Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(12, 60)
+        ids = [rng.randrange(100, 40000) for _ in range(length)]
+        cut = rng.randint(4, length - 4)
+        out.append(medata.Example(ids, [medata.IGNORE] * cut + ids[cut:]))
+    return out
+
+
+@pytest.mark.parametrize("attn, varlen", [("sdpa", True), ("sdpa", False), ("eager", False)])
+def test_packed_logits_match_each_conversation_alone(attn, varlen):
+    """No conversation of a packed row sees another: its logits are those it gets on its own.
+
+    With sdpa_varlen attention runs per conversation; otherwise transformers builds a
+    block-diagonal mask from the restarting position_ids.
+    """
+    model = _tiny(packed=varlen, attn=attn)
+    assert model.config._attn_implementation == ("sdpa_varlen" if varlen else attn)
+    examples = _examples()
+    batch = medata.collate_packed(examples)
+    assert "attention_mask" not in batch  # a 2-D mask would switch off the per-conversation masking
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        start = 0
+        for e in examples:
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            torch.testing.assert_close(packed[start: start + len(e.input_ids)], alone, atol=2e-5, rtol=1e-4)
+            start += len(e.input_ids)
+
+
+def test_packed_labels_never_cross_a_conversation_boundary():
+    examples = _examples(3)
+    batch = medata.collate_packed(examples)
+    starts = batch["cu_seq_lens_q"][:-1].tolist()
+    assert all(batch["labels"][0, s] == medata.IGNORE for s in starts)
+    assert batch["position_ids"][0, starts].tolist() == [0, 0, 0]
+    assert batch["input_ids"].numel() == sum(len(e.input_ids) for e in examples) == medata.real_tokens(batch)
+
+
+def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
+    from medlora import loss as lm_loss
+
+    monkeypatch.setattr(lm_loss, "CHUNK_ELEMENTS", 49152 * 7)  # several chunks, the last one partial
+    model = _tiny(packed=True)
+    model, _, _ = add_adapter(model, OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+                                                      "use_dora": False, "use_rslora": False, "bias": "none"}), False)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)  # lora_B starts at zero; give every adapter weight a gradient
+    batch = medata.collate_packed(_examples(4))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad()
+        total, count = loss_sum(model, batch, chunked)
+        (total / count).backward()
+        results.append((total.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, n_plain, g_plain), (fast, n_fast, g_fast) = results
+    assert n_plain == n_fast == sum(int((torch.tensor(e.labels[1:]) != medata.IGNORE).sum()) for e in _examples(4))
+    assert fast == pytest.approx(plain, rel=1e-5)
+    for name in g_plain:
+        torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-6, rtol=1e-4)
+
+
+def test_pack_respects_the_budget_and_uses_every_example_once():
+    lengths = [random.Random(i).randint(1, 512) for i in range(300)]
+    bins = medata.pack(lengths, 2048)
+    assert sorted(i for b in bins for i in b) == list(range(300))
+    assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
+    # best-fit decreasing leaves little room: at most one bin more than a perfect split
+    assert len(bins) <= -(-sum(lengths) // 2048) + 1
+    sampler = medata.PackedBatches(lengths, 2048, seed=1)
+    first, second = list(sampler), list(sampler)
+    assert first != second and sorted(map(sorted, first)) == sorted(map(sorted, second))
+
+
+def test_fast_dropout_keeps_the_distribution():
+    torch.manual_seed(0)
+    drop = FastDropout(0.1).train()
+    x = torch.ones(1000, 1000)
+    y = drop(x)
+    kept = (y != 0).float().mean().item()
+    assert kept == pytest.approx(0.9, abs=0.002)
+    assert torch.unique(y).tolist() == pytest.approx([0.0, 1 / 0.9])
+    assert y.mean().item() == pytest.approx(1.0, abs=0.003)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
+    """The real entry point with every speed option on, then off: same data, seed and maths."""
+    common = [*TINY, "debug=fast", "lora.dropout=0.0", "precision=fp32", "training.gradient_accumulation_steps=2",
+              "training.batch_size=1"]
+    runs = {}
+    for name, options in (("fast", ["training.packing=true", "training.chunked_loss=true"]),
+                          ("plain", ["training.packing=false", "training.chunked_loss=false"])):
+        done = train(tmp_path / name, *common, *options)
+        assert done.returncode == 0, done.stderr[-3000:]
+        client = mlflow_client(tmp_path / name)
+        run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
+        runs[name] = run.data.metrics
+    # eval before training is the same computation, batched differently: equal to float rounding
+    assert runs["fast"]["eval_loss_before"] == pytest.approx(runs["plain"]["eval_loss_before"], rel=1e-5)
+    assert runs["fast"]["train_tokens_per_second"] > 0
+
+
+def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
+    cache = [f"paths.cache_dir={tmp_path}/cache", *TINY, "debug=fast", "tracking=none"]
+    first = train(tmp_path / "a", *cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "reused from" not in first.stdout + first.stderr and len(list((tmp_path / "cache" / "data").glob("*.pkl"))) == 1
+    second = train(tmp_path / "b", *cache, "lora.rank=4")  # LoRA settings do not shape the data
+    assert second.returncode == 0 and "cleaned and tokenized data reused from" in second.stdout + second.stderr
+    third = train(tmp_path / "c", *cache, "training.max_seq_len=128")
+    assert third.returncode == 0 and "reused from" not in third.stdout + third.stderr
+    assert len(list((tmp_path / "cache" / "data").glob("*.pkl"))) == 2
+
+
+def test_loss_of_a_packed_batch_is_the_sum_over_its_conversations():
+    model = _tiny(packed=True)
+    examples = _examples(4, seed=3)
+    with torch.no_grad():
+        packed, n_packed = loss_sum(model, medata.collate_packed(examples), chunked=True)
+        alone = [loss_sum(model, medata.collate([e], pad_id=0), chunked=False) for e in examples]
+    assert n_packed == sum(n for _, n in alone)
+    assert packed.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)
