@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no Hub access: fail fast 
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 
 TINY = ["model=tiny_random", "training.max_seq_len=256"]
+# each job of a sweep test: two steps on four examples
+SWEEP_JOB = [*TINY, "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",
+             "data.max_train_samples=4", "data.max_eval_samples=4"]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -39,6 +42,23 @@ def train(tmp: Path, *overrides: str, multirun: bool = False, timeout: int = 600
     cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *defaults, *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def optuna_search(tmp: Path, *overrides: str, n_trials: int = 3, sweep: str = "sweep") -> subprocess.CompletedProcess:
+    """`python train.py hparams_search=lora_optuna` on the tiny model, its study in tmp/optuna.db."""
+    given = {o.split("=")[0] for o in overrides}
+    defaults = ["hparams_search=lora_optuna", f"hydra.sweeper.n_trials={n_trials}",
+                f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db", f"hydra.sweep.dir={tmp}/{sweep}"]
+    return train(tmp, *[o for o in defaults if o.split("=")[0] not in given], *SWEEP_JOB, *overrides)
+
+
+@pytest.fixture(scope="session")
+def optuna_sweep(tmp_path_factory) -> Path:
+    """One 3-trial Optuna search, shared by the tests that only read it."""
+    tmp = tmp_path_factory.mktemp("optuna")
+    result = optuna_search(tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp
 
 
 def mlflow_client(tmp: Path):
