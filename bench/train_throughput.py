@@ -80,7 +80,11 @@ def main() -> None:
     if args.worker:
         return _worker(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if not Path(path).is_file():
+            sys.exit(f"error: {flag} {path} is not a file: give a JSONL file of conversations.")
+    if args.merge and not (out / "train_throughput.json").is_file():
+        sys.exit(f"error: --merge needs an earlier {out / 'train_throughput.json'}: run without --merge first.")
     settings = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -107,6 +111,7 @@ def main() -> None:
     order = list(SETTINGS)
     results.sort(key=lambda r: order.index(r["setting"]))
     report = _report(results, data, peaks, args)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "train_throughput.json").write_text(json.dumps(
         {"machine": _machine(), "args": vars(args), "matmul_peak_gflops": peaks, "data": data["stats"],
          "results": results}, indent=2))
@@ -145,6 +150,7 @@ def _prepare_data(args, work: Path) -> dict:
     """The conversations, cleaned by medlora's safety step once, so every setting trains on the same text."""
     from omegaconf import OmegaConf
 
+    from medlora.config import MedloraError
     from medlora.data import load_conversations, tokenize_dataset, with_system_prompt
     from medlora.model import load_tokenizer, resolve_checkpoint
     from medlora.safety.clean import clean_conversations
@@ -156,7 +162,11 @@ def _prepare_data(args, work: Path) -> dict:
         rows = [{"messages": with_system_prompt(c, safety.system_prompt)} for c in conversations]
         files[name] = work / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    model_file = ROOT / "conf" / "model" / f"{args.model}.yaml"
+    if not model_file.is_file():
+        names = sorted(p.stem for p in model_file.parent.glob("*.yaml"))
+        raise MedloraError(f"--model {args.model} is not a config in conf/model/: use one of {', '.join(names)}.")
+    model_cfg = OmegaConf.load(model_file)
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
     examples, stats = tokenize_dataset(load_conversations(files["train"]), tokenizer, None, args.max_seq_len, "truncate")
@@ -376,4 +386,9 @@ def _machine() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from medlora.config import MedloraError
+
+    try:
+        main()
+    except MedloraError as err:  # bad data file, model name, ...: one message, no traceback
+        sys.exit(f"error: {err}")

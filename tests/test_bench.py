@@ -24,3 +24,13 @@ def test_benchmark_writes_its_table_and_json(tmp_path):
     assert abs(report["results"][0]["eval_loss_before"] - report["results"][1]["eval_loss_before"]) < 1e-2
     table = (tmp_path / "train_throughput.md").read_text()
     assert "| medlora | bf16 |" in table and "Definitions:" in table and "MFU" in table
+
+
+def test_benchmark_bad_input_is_one_message_and_nothing_written(tmp_path):
+    for args, message in ((["--data", str(tmp_path / "missing.jsonl")], "--data"),
+                          (["--settings", "nope"], "unknown setting"),
+                          (["--merge"], "--merge needs an earlier")):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), *args,
+                               "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
