@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 SAMPLE = ROOT / "data" / "sample_medical"
 
+_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # setting -> (framework, options). medlora's options are train.py overrides.
 SETTINGS = {
     "medlora": ("medlora", []),
@@ -47,7 +48,9 @@ SETTINGS = {
     "trl-default": ("trl", {"packing": False, "bf16": False}),
     "trl-packing": ("trl", {"packing": True, "bf16": False}),
     "trl-bf16": ("trl", {"packing": False, "bf16": True}),
-    "trl-fastest": ("trl", {"packing": True, "bf16": True}),
+    # packing, in the precision medlora's precision=auto picks: bf16 where the hardware computes it
+    # natively; elsewhere (a CPU without AVX512-BF16/AMX) bf16 is emulated, ten times slower than fp32
+    "trl-fastest": ("trl", {"packing": True, "bf16": "auto"}),
 }
 # TRL's default and its fastest setting; `--settings all` adds packing alone and bf16 alone
 DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-fp32", "medlora-unpacked", "medlora-lowmem",
@@ -61,7 +64,7 @@ DEFINITIONS = """\
   everything included (imports, model, data, evaluation). On a GPU, **peak GPU** is
   `torch.cuda.max_memory_allocated`.
 - **MFU**: model FLOPs per second over the peak matmul rate measured at the start of this run
-  with a {n}^3 matmul in the setting's dtype (fp32: {fp32:.0f} GFLOP/s, bf16: {bf16:.0f} GFLOP/s).
+  with a {n}^3 matmul in the setting's dtype ({peaks}).
   Model FLOPs per token: 4 x N (N = {params:,} parameters: the base model with tied embeddings
   counted once, plus the adapter; forward 2N, backward to the activations 2N; frozen weights
   get no weight gradient) plus causal attention, 6 x layers x attention width x (L+1) per
@@ -97,17 +100,18 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="medlora-bench-"))
     data = _prepare_data(args, work)
     earlier = json.loads((out / "train_throughput.json").read_text()) if args.merge else None
-    if earlier:  # one table from several invocations: same machine, so the first peaks stand
-        peaks, results = earlier["matmul_peak_gflops"], [r for r in earlier["results"] if r["setting"] not in settings]
-    else:
-        peaks = {dtype: _matmul_peak(dtype, args.matmul_size) for dtype in ("fp32", "bf16")}
-        results = []
-    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+    # one table from several invocations: same machine, so the earlier peaks stand
+    peaks = earlier["matmul_peak_gflops"] if earlier else {}
+    results = [r for r in earlier["results"] if r["setting"] not in settings] if earlier else []
     for name in settings:
         print(f"--- {name}", flush=True)
         result = _run_setting(name, args, data, work)
         results.append(result)
         print(json.dumps(result), flush=True)
+    # measured after the settings, alone on the machine, for the dtypes that ran
+    for dtype in sorted({r["precision"] for r in results} - peaks.keys()):
+        peaks[dtype] = _matmul_peak(dtype, args.matmul_size)
+        print(f"matmul peak {dtype}: {peaks[dtype]:.0f} GFLOP/s", flush=True)
     order = list(SETTINGS)
     results.sort(key=lambda r: order.index(r["setting"]))
     report = _report(results, data, peaks, args)
@@ -178,16 +182,19 @@ def _prepare_data(args, work: Path) -> dict:
 
 
 def _matmul_peak(dtype: str, n: int) -> float:
-    """Best GFLOP/s of an n^3 matmul in `dtype`, measured in a fresh process like the settings run in."""
+    """Best GFLOP/s of an n^3 matmul in `dtype`, measured in a fresh process like the settings run in.
+
+    Rounds of one matmul for about 3 seconds after a warm-up, at least 3: a dtype the hardware
+    only emulates (bf16 on an AVX2 CPU: about 1 GFLOP/s) still finishes in a minute.
+    """
     code = ("import torch,time\n"
-            f"d=torch.{'bfloat16' if dtype == 'bf16' else 'float32'};a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
+            f"d=getattr(torch,{_TORCH_DTYPES[dtype]!r});a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
             "dev='cuda' if torch.cuda.is_available() else 'cpu';a,b=a.to(dev),b.to(dev)\n"
-            "best=0\n"
-            "for r in range(6):\n"
-            "  sync=torch.cuda.synchronize if dev=='cuda' else (lambda:None);sync();t=time.perf_counter()\n"
-            "  for _ in range(5): a@b\n"
-            "  sync();s=time.perf_counter()-t\n"
-            f"  best=max(best,2*{n}**3*5/s/1e9) if r else 0\n"  # the first round warms up
+            "sync=torch.cuda.synchronize if dev=='cuda' else (lambda:None)\n"
+            "a@b;sync();best,rounds,spent=0,0,0.0\n"
+            "while rounds<3 or spent<3:\n"
+            "  t=time.perf_counter();a@b;sync();s=time.perf_counter()-t\n"
+            f"  best,rounds,spent=max(best,2*{n}**3/s/1e9),rounds+1,spent+s\n"
             "print(best)")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
@@ -256,18 +263,23 @@ def _worker(args) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from medlora.config import resolve_device, resolve_precision
     from medlora.data import IGNORE, load_conversations, make_loader, tokenize_dataset
     from medlora.model import load_tokenizer, quantization_config, resolve_checkpoint
     from medlora.train import evaluate
 
     options, folder = json.loads(args.worker), Path(args.work)
+    precision = "bf16" if options["bf16"] is True else "fp32"
+    if options["bf16"] == "auto":
+        precision = resolve_precision("auto", resolve_device("auto"))
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
     # prompt-completion conversations: TRL's completion-only loss (its default for this format)
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in load_conversations(args.data)]
     config = SFTConfig(
-        output_dir=str(folder / "out"), max_length=args.max_seq_len, packing=options["packing"], bf16=options["bf16"],
+        output_dir=str(folder / "out"), max_length=args.max_seq_len, packing=options["packing"],
+        bf16=precision == "bf16", fp16=precision == "fp16",
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, num_train_epochs=1,
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1,
         save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
@@ -309,7 +321,7 @@ def _worker(args) -> None:
     result = {"real_tokens_per_second": counts["tokens"] / clock["seconds"],
               "supervised_tokens_per_second": counts["supervised"] / clock["seconds"],
               "eval_loss_before": before, "eval_loss": after, "train_losses": losses, "steps": len(losses),
-              "precision": "bf16" if options["bf16"] else "fp32", "trainable_params": trainable, "total_params": total,
+              "precision": precision, "trainable_params": trainable, "total_params": total,
               "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
     (folder / "result.json").write_text(json.dumps(result))
 
@@ -345,7 +357,8 @@ def _report(results: list[dict], data: dict, peaks: dict, args) -> str:
               f"all-linear, max length {args.max_seq_len}, batch {args.batch_size}\n\n"
               f"{stats['conversations']} conversations ({stats['tokens']:,} tokens, {stats['supervised_tokens']:,} "
               f"supervised, {stats['truncated']} truncated), one epoch; {_machine()}\n\n")
-    definitions = DEFINITIONS.format(n=args.matmul_size, fp32=peaks["fp32"], bf16=peaks["bf16"], params=n,
+    measured = ", ".join(f"{dtype}: {gflops:.0f} GFLOP/s" for dtype, gflops in sorted(peaks.items()))
+    definitions = DEFINITIONS.format(n=args.matmul_size, peaks=measured, params=n,
                                      attn=attention, head_share=head / n, eval_n=args.eval_samples,
                                      before=results[0]["eval_loss_before"])
     return header + "\n".join(rows) + "\n\n" + ratios + "\n\nDefinitions:\n" + definitions

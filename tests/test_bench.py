@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from medlora.config import resolve_precision
 
 
 def test_benchmark_writes_its_table_and_json(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", "tiny_random",
                            "--samples", "8", "--eval-samples", "4", "--max-seq-len", "128",
-                           "--settings", "medlora,trl-fastest", "--out", str(tmp_path)],
+                           "--settings", "medlora,trl-fastest", "--matmul-size", "512", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "train_throughput.json").read_text())
@@ -22,8 +23,12 @@ def test_benchmark_writes_its_table_and_json(tmp_path):
         assert r["peak_rss_gb"] > 0.1 and r["eval_loss"] > 0
     # both read the same held-out set with the same code before training
     assert abs(report["results"][0]["eval_loss_before"] - report["results"][1]["eval_loss_before"]) < 1e-2
+    # both train in the precision=auto choice: bf16 only where this CPU computes it natively
+    precision = resolve_precision("auto", "cpu")
+    assert [r["precision"] for r in report["results"]] == [precision, precision]
+    assert list(report["matmul_peak_gflops"]) == [precision] and report["matmul_peak_gflops"][precision] > 0
     table = (tmp_path / "train_throughput.md").read_text()
-    assert "| medlora | bf16 |" in table and "Definitions:" in table and "MFU" in table
+    assert f"| medlora | {precision} |" in table and "Definitions:" in table and "MFU" in table
 
 
 def test_benchmark_bad_input_is_one_message_and_nothing_written(tmp_path):
