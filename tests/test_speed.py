@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, TINY, mlflow_client, train
 from medlora import data as medata
-from medlora import train as medtrain
 from medlora.adapters import FastDropout, add_adapter
 from medlora.loss import loss_sum
 from medlora.model import load_model, resolve_checkpoint
@@ -119,8 +117,7 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
               "training.batch_size=1"]
     runs = {}
     for name, options in (("fast", ["training.packing=true", "training.chunked_loss=true"]),
-                          ("plain", ["training.packing=false", "training.chunked_loss=false",
-                                     "training.release_memory=false"])):
+                          ("plain", ["training.packing=false", "training.chunked_loss=false"])):
         done = train(tmp_path / name, *common, *options)
         assert done.returncode == 0, done.stderr[-3000:]
         client = mlflow_client(tmp_path / name)
@@ -129,21 +126,6 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
     # eval before training is the same computation, batched differently: equal to float rounding
     assert runs["fast"]["eval_loss_before"] == pytest.approx(runs["plain"]["eval_loss_before"], rel=1e-5)
     assert runs["fast"]["train_tokens_per_second"] > 0
-
-
-@pytest.mark.skipif(medtrain._LIBC is None, reason="needs glibc's malloc_trim")
-def test_release_freed_memory_returns_the_holes_glibc_keeps():
-    """Memory freed below a live block stays resident under glibc until it is trimmed."""
-    def anon_mb() -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon"))
-        return int(line.split()[1]) // 1024
-
-    torch.empty(2**18).fill_(1)  # freeing one mmapped 1 MB block makes glibc serve later ones from its heap
-    blocks = [torch.ones(2**18) for _ in range(300)]
-    del blocks[:-1]  # 299 MB of holes below the last block: glibc's own trimming only frees the top
-    held = anon_mb()
-    medtrain.release_freed_memory()
-    assert held - anon_mb() > 200
 
 
 def test_prepared_data_is_reused_until_an_input_changes(tmp_path):

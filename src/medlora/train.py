@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import getpass
 import json
 import logging
@@ -268,8 +266,6 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
                 loss_sum, _ = medlora_loss.loss_sum(model, batch, chunked)
             accelerator.backward(loss_sum / supervised)
             loss_total += loss_sum.item()
-            if t.release_memory:
-                release_freed_memory()
         # with max_grad_norm=0 the norm is still measured and logged, just not clipped
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         optimizer.step()
@@ -299,29 +295,6 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
             audit.record("checkpoint", outputs=_hashes(folder), step=step)
     bar.close()
     return totals.summary()
-
-
-def release_freed_memory() -> None:
-    """Hand the memory freed by a backward pass back to the OS (glibc's malloc_trim; CPU, Linux).
-
-    Activation sizes change with every packed micro-batch, and glibc keeps the holes they leave
-    in its heap: without this the resident memory of a CPU run grows step after step, far above
-    what one micro-batch needs. GPU memory is torch's own caching allocator and is not touched.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # musl, macOS: no malloc_trim
-
-
-_LIBC = _glibc()
 
 
 def _endless(loader, skip: int):
