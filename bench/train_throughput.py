@@ -63,8 +63,8 @@ DEFINITIONS = """\
 - **peak RSS**: the largest resident memory of the setting's process, from the kernel (`wait4`),
   everything included (imports, model, data, evaluation). On a GPU, **peak GPU** is
   `torch.cuda.max_memory_allocated`.
-- **MFU**: model FLOPs per second over the peak matmul rate measured at the start of this run
-  with a {n}^3 matmul in the setting's dtype ({peaks}).
+- **MFU**: model FLOPs per second over the peak matmul rate measured
+  with a {n}^3 matmul in the setting's dtype, in this run after the settings ({peaks}).
   Model FLOPs per token: 4 x N (N = {params:,} parameters: the base model with tied embeddings
   counted once, plus the adapter; forward 2N, backward to the activations 2N; frozen weights
   get no weight gradient) plus causal attention, 6 x layers x attention width x (L+1) per
