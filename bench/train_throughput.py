@@ -49,7 +49,7 @@ SETTINGS = {
     "trl-packing": ("trl", {"packing": True, "bf16": False}),
     "trl-bf16": ("trl", {"packing": False, "bf16": True}),
     # packing, in the precision medlora's precision=auto picks: bf16 where the hardware computes it
-    # natively; elsewhere (a CPU without AVX512-BF16/AMX) bf16 is emulated, ten times slower than fp32
+    # natively; elsewhere (a CPU without AVX512-BF16/AMX) bf16 is emulated, over ten times slower than fp32
     "trl-fastest": ("trl", {"packing": True, "bf16": "auto"}),
 }
 # TRL's default and its fastest setting; `--settings all` adds packing alone and bf16 alone
