@@ -30,7 +30,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 SAMPLE = ROOT / "data" / "sample_medical"
 
-_TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 # setting -> (framework, options). medlora's options are train.py overrides.
 SETTINGS = {
     "medlora": ("medlora", []),
@@ -45,12 +44,12 @@ SETTINGS = {
     "medlora-unpacked": ("medlora", ["training.packing=false"]),
     # activations recomputed in the backward pass: less memory, slower
     "medlora-lowmem": ("medlora", ["training.gradient_checkpointing=true"]),
-    "trl-default": ("trl", {"packing": False, "bf16": False}),
-    "trl-packing": ("trl", {"packing": True, "bf16": False}),
-    "trl-bf16": ("trl", {"packing": False, "bf16": True}),
+    "trl-default": ("trl", {"packing": False, "precision": "fp32"}),
+    "trl-packing": ("trl", {"packing": True, "precision": "fp32"}),
+    "trl-bf16": ("trl", {"packing": False, "precision": "bf16"}),
     # packing, in the precision medlora's precision=auto picks: bf16 where the hardware computes it
     # natively; elsewhere (a CPU without AVX512-BF16/AMX) bf16 is emulated, over ten times slower than fp32
-    "trl-fastest": ("trl", {"packing": True, "bf16": "auto"}),
+    "trl-fastest": ("trl", {"packing": True, "precision": "auto"}),
 }
 # TRL's default and its fastest setting; `--settings all` adds packing alone and bf16 alone
 DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-fp32", "medlora-unpacked", "medlora-lowmem",
@@ -187,8 +186,10 @@ def _matmul_peak(dtype: str, n: int) -> float:
     Rounds of one matmul for about 3 seconds after a warm-up, at least 3: a dtype the hardware
     only emulates (bf16 on an AVX2 CPU: about 1 GFLOP/s) still finishes in a minute.
     """
+    from medlora.model import DTYPES  # repr: torch.float32, ...
+
     code = ("import torch,time\n"
-            f"d=getattr(torch,{_TORCH_DTYPES[dtype]!r});a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
+            f"d={DTYPES[dtype]};a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
             "dev='cuda' if torch.cuda.is_available() else 'cpu';a,b=a.to(dev),b.to(dev)\n"
             "sync=torch.cuda.synchronize if dev=='cuda' else (lambda:None)\n"
             "a@b;sync();best,rounds,spent=0,0,0.0\n"
@@ -269,9 +270,7 @@ def _worker(args) -> None:
     from medlora.train import evaluate
 
     options, folder = json.loads(args.worker), Path(args.work)
-    precision = "bf16" if options["bf16"] is True else "fp32"
-    if options["bf16"] == "auto":
-        precision = resolve_precision("auto", resolve_device("auto"))
+    precision = resolve_precision(options["precision"], resolve_device("auto"))
     model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
