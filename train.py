@@ -1,6 +1,14 @@
 """Fine-tune a chat model with LoRA: `python train.py lora.rank=16`, sweeps with `-m`."""
 
-from medlora.cli import exit_on_user_error, run_info  # first: sets the project root, quiets import noise
+from pathlib import Path
+
+if __name__ == "__main__":
+    from medlora.allocator import relaunch_for
+
+    # before anything heavy: an allocator takes over a process only from its start
+    relaunch_for(Path(__file__).resolve().parent / "conf", "train")
+
+from medlora.cli import exit_on_user_error, run_info  # noqa: E402 - sets the project root, quiets import noise
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

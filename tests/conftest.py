@@ -15,6 +15,8 @@ os.environ.setdefault("MEDLORA_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no Hub access: fail fast instead of retrying
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 
+# what training.allocator=auto runs on after `make install`: cmeel-mimalloc is a dependency on Linux
+AUTO_ALLOCATOR = "mimalloc" if sys.platform.startswith("linux") else "system"
 TINY = ["model=tiny_random", "training.max_seq_len=256"]
 # each job of a sweep test: two steps on four examples
 SWEEP_JOB = [*TINY, "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",

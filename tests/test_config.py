@@ -10,6 +10,7 @@ from conftest import MEDQUAD, ROOT, conversation, write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from medlora import allocator
 from medlora import config as medconfig
 from medlora import data
 from medlora.adapters import add_adapter
@@ -116,12 +117,21 @@ def test_medquad_experiment_points_at_shared_data():
     ("lora.dropout=1.5", "lora.dropout=1.5 is invalid"), ("training.learning_rate=-1e-4", "training.learning_rate="),
     ("training.batch_size=0", "training.batch_size=0 is invalid"), ("precision=fp8", "precision='fp8' is invalid"),
     ("training.lr_scheduler=warp", "is not a transformers scheduler"), ("training.overlong=cut", "truncate or drop"),
-    ("training.max_steps=0", "both 0"),
+    ("training.max_steps=0", "both 0"), ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
 ])
 def test_bad_values_are_named(override, message):
     cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
     with pytest.raises(medconfig.MedloraError, match=message.replace("(", r"\(")):
         medconfig.validate(cfg)
+
+
+def test_a_named_allocator_that_is_not_installed_names_the_fix(monkeypatch):
+    monkeypatch.setattr(allocator, "library", lambda name: None)
+    with pytest.raises(medconfig.MedloraError, match="training.allocator=tcmalloc: its library is not installed here. "
+                                                     "Install the system package libtcmalloc-minimal4"):
+        medconfig.validate(_compose("training.allocator=tcmalloc"))
+    # auto falls back to the system's: a speed option never stops a run
+    assert allocator.choose("auto") == ("system", None)
 
 
 def test_auto_precision_and_device():

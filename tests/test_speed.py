@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, mlflow_client, train
+from conftest import AUTO_ALLOCATOR, ROOT, TINY, mlflow_client, train
 from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter
 from medlora.loss import loss_sum
@@ -115,14 +115,17 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
     """The real entry point with every speed option on, then off: same data, seed and maths."""
     common = [*TINY, "debug=fast", "lora.dropout=0.0", "precision=fp32", "training.gradient_accumulation_steps=2",
               "training.batch_size=1"]
-    runs = {}
+    runs, allocators = {}, {}
     for name, options in (("fast", ["training.packing=true", "training.chunked_loss=true"]),
-                          ("plain", ["training.packing=false", "training.chunked_loss=false"])):
+                          ("plain", ["training.packing=false", "training.chunked_loss=false", "training.allocator=system"])):
         done = train(tmp_path / name, *common, *options)
         assert done.returncode == 0, done.stderr[-3000:]
         client = mlflow_client(tmp_path / name)
         run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
         runs[name] = run.data.metrics
+        allocators[name] = run.data.params["resolved_allocator"]
+    # train.py restarted itself under the allocator it was given, or stayed on the system's
+    assert allocators == {"fast": AUTO_ALLOCATOR, "plain": "system"}
     # eval before training is the same computation, batched differently: equal to float rounding
     assert runs["fast"]["eval_loss_before"] == pytest.approx(runs["plain"]["eval_loss_before"], rel=1e-5)
     assert runs["fast"]["train_tokens_per_second"] > 0

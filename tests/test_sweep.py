@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 
 import optuna
-from conftest import SWEEP_JOB, mlflow_client, optuna_search, train
+from conftest import AUTO_ALLOCATOR, SWEEP_JOB, mlflow_client, optuna_search, train
 from optuna.trial import TrialState
 
 PLOTS = {"plots/eval_loss_vs_params.png", "plots/train_loss.png"}
@@ -44,6 +44,8 @@ def test_two_job_sweep_nests_under_one_parent(tmp_path):
     assert len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert sorted(c.data.params["lora.rank"] for c in children) == ["4", "8"]
+    # the sweep values are left out when train.py reads training.allocator before Hydra starts
+    assert {c.data.params["resolved_allocator"] for c in children} == {AUTO_ALLOCATOR}
     assert all(c.info.status == "FINISHED" and "eval_loss" in c.data.metrics for c in children)
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs_finished"] == "2"
     assert (tmp_path / "sweep" / "0" / "adapter").is_dir() and (tmp_path / "sweep" / "1" / "adapter").is_dir()

@@ -86,6 +86,12 @@ def _validate_training(t: DictConfig) -> None:
     names = [s.value for s in SchedulerType]
     _require(t.lr_scheduler in names,
              f"training.lr_scheduler={t.lr_scheduler!r} is not a transformers scheduler: use one of {', '.join(names)}.")
+    from medlora.allocator import choose
+
+    try:
+        choose(t.allocator)
+    except ValueError as err:
+        raise MedloraError(str(err)) from err
     if t.resume_from:
         _require(Path(t.resume_from).is_dir(),
                  f"training.resume_from={t.resume_from} is not a folder: give a checkpoint folder such as "

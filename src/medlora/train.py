@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from medlora import allocator
 from medlora import data as medata
 from medlora import loss as medlora_loss
 from medlora.adapters import add_adapter
@@ -191,7 +192,7 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     chunked = t.chunked_loss and medlora_loss.supports_chunked_loss(model)
     tracker.log_params({"trainable_params": trainable, "total_params": total,
                         "trainable_percent": f"{100 * trainable / total:.4f}", "resolved_precision": precision,
-                        "resolved_device": device})
+                        "resolved_device": device, "resolved_allocator": allocator.in_use()})
 
     pad_id, packed_tokens = tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
     train_loader = medata.make_loader(train_set, t.batch_size, pad_id, cfg.seed, train=True,
