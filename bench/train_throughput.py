@@ -35,9 +35,11 @@ SETTINGS = {
     "medlora": ("medlora", []),
     "medlora-seed43": ("medlora", ["seed=43"]),
     # the same packed batches with every speed option off: fp32, eager attention over a
-    # block-diagonal mask, the model's own loss, torch's dropout. Only speed may differ from medlora
+    # block-diagonal mask, the model's own loss, peft's LoRA layers with torch's dropout, glibc's
+    # malloc. Only speed and memory may differ from medlora
     "medlora-plain": ("medlora", ["training.chunked_loss=false", "training.fast_dropout=false", "precision=fp32",
-                                  "model.attn_implementation=eager"]),
+                                  "model.attn_implementation=eager", "training.fused_lora=false",
+                                  "training.allocator=system"]),
     # the fast path in fp32: tells the effect of bf16 apart from that of the other options
     "medlora-fp32": ("medlora", ["precision=fp32"]),
     # one conversation per micro-batch: more optimizer steps per epoch than packed rows
@@ -50,6 +52,9 @@ SETTINGS = {
     # packing, in the precision medlora's precision=auto picks: bf16 where the hardware computes it
     # natively; elsewhere (a CPU without AVX512-BF16/AMX) bf16 is emulated, over ten times slower than fp32
     "trl-fastest": ("trl", {"packing": True, "precision": "auto"}),
+    # the same, on the allocator medlora's training.allocator=auto picks: how much of the memory
+    # gap is the allocator alone
+    "trl-fastest-mimalloc": ("trl", {"packing": True, "precision": "auto", "allocator": "mimalloc"}),
 }
 # TRL's default and its fastest setting; `--settings all` adds packing alone and bf16 alone
 DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-fp32", "medlora-unpacked", "medlora-lowmem",
@@ -209,10 +214,14 @@ def _run_setting(name: str, args, data: dict, work: Path) -> dict:
     else:
         cmd = [sys.executable, __file__, "--worker", json.dumps(options), "--work", str(folder),
                *_passthrough(args), "--data", data["train"], "--eval-data", data["eval"]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if framework == "trl" and options.get("allocator"):
+        from medlora.allocator import preload_env
+
+        env = preload_env(options["allocator"], env)
     log_path = folder / "output.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         # note: wait4 reaps the child and reports its own peak RSS, not this process's
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:

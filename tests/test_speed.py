@@ -87,6 +87,46 @@ def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
         torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-6, rtol=1e-4)
 
 
+def _tiny_with_biases():
+    """tiny_random with a bias on every projection, as Qwen2's attention has, in the packed setup."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    packed = _tiny(packed=True)
+    config = AutoConfig.from_pretrained(packed.name_or_path, attention_bias=True, mlp_bias=True)
+    config._attn_implementation = packed.config._attn_implementation
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dropout, bias", [(0.0, "none"), (0.1, "none"), (0.1, "all")])
+def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias):
+    """Same seed, so the fused layers draw the same dropout masks as FastDropout in peft's layers."""
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear",
+                             "use_dora": False, "use_rslora": False, "bias": bias})
+    batch = medata.collate_packed(_examples(4))
+    results = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = add_adapter(_tiny_with_biases() if bias == "all" else _tiny(packed=True), lora, False,
+                                  fast_dropout=True, fused=fused)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)  # lora_B starts at zero; give every adapter weight a gradient
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert ("FusedLoraLinear" in kinds) == fused
+        model.train()
+        torch.manual_seed(1)
+        total, count = loss_sum(model, batch, True)
+        (total / count).backward()
+        results.append((total.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, g_plain), (fused, g_fused) = results
+    assert fused == pytest.approx(plain, rel=1e-5)
+    # lora.bias=all trains the base layers' biases too
+    assert g_fused.keys() == g_plain.keys() and any(n.endswith("proj.base_layer.bias") for n in g_plain) == (bias == "all")
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-6, rtol=1e-4)
+
+
 def test_pack_respects_the_budget_and_uses_every_example_once():
     lengths = [random.Random(i).randint(1, 512) for i in range(300)]
     bins = medata.pack(lengths, 2048)
@@ -117,7 +157,8 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
               "training.batch_size=1"]
     runs, allocators = {}, {}
     for name, options in (("fast", ["training.packing=true", "training.chunked_loss=true"]),
-                          ("plain", ["training.packing=false", "training.chunked_loss=false", "training.allocator=system"])):
+                          ("plain", ["training.packing=false", "training.chunked_loss=false", "training.fused_lora=false",
+                                     "training.allocator=system"])):
         done = train(tmp_path / name, *common, *options)
         assert done.returncode == 0, done.stderr[-3000:]
         client = mlflow_client(tmp_path / name)

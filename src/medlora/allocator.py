@@ -96,20 +96,26 @@ def relaunch_for(config_dir: Path, config_name: str) -> None:
     relaunch_under(requested)
 
 
+def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` for a process that starts on allocator `name` (ValueError where it is not installed)."""
+    name, path = choose(name)
+    if path is None:
+        return env
+    env = {**env, "LD_PRELOAD": " ".join(filter(None, [path, env.get("LD_PRELOAD")]))}
+    return {**_SETTINGS.get(name, {}), **env}
+
+
 def relaunch_under(requested: str) -> None:
     """Start this command again with the allocator preloaded, unless it already runs on it."""
     try:
-        name, path = choose(requested)
+        name, _ = choose(requested)
     except ValueError:
         return  # the run's config check reports it, with the rest of the config
     # the marker stops a loop where the loader could not preload the library after all
     if name == "system" or in_use() == name or os.environ.get(_MARKER) == name:
         return
-    env = dict(os.environ)
+    env = preload_env(name, dict(os.environ))
     env[_MARKER] = name
-    env["LD_PRELOAD"] = " ".join(filter(None, [path, env.get("LD_PRELOAD")]))
-    for key, value in _SETTINGS.get(name, {}).items():
-        env.setdefault(key, value)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -79,7 +79,7 @@ def _validate_training(t: DictConfig) -> None:
     _positive(t.max_grad_norm, "training.max_grad_norm", "Use 0 to turn clipping off.", allow_zero=True)
     _require(t.overlong in OVERLONG,
              f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
-    for key in ("packing", "chunked_loss", "fast_dropout", "gradient_checkpointing", "group_by_length", "cache_data"):
+    for key in ("packing", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length", "cache_data"):
         _require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
     from transformers import SchedulerType
 

@@ -188,7 +188,7 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
     model = load_model(model_path, cfg.model, precision, str(accelerator.device), packed=t.packing)
     model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing, fast_dropout=t.fast_dropout,
-                                          autocast=precision != "fp32")
+                                          autocast=precision != "fp32", fused=t.fused_lora)
     chunked = t.chunked_loss and medlora_loss.supports_chunked_loss(model)
     tracker.log_params({"trainable_params": trainable, "total_params": total,
                         "trainable_percent": f"{100 * trainable / total:.4f}", "resolved_precision": precision,
