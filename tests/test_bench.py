@@ -29,6 +29,7 @@ def test_benchmark_writes_its_table_and_json(tmp_path):
     assert list(report["matmul_peak_gflops"]) == [precision] and report["matmul_peak_gflops"][precision] > 0
     table = (tmp_path / "train_throughput.md").read_text()
     assert f"| medlora | {precision} |" in table and "Definitions:" in table and "MFU" in table
+    assert "- medlora vs TRL's fastest setting (trl-fastest): " in table
 
 
 def test_benchmark_bad_input_is_one_message_and_nothing_written(tmp_path):
