@@ -29,6 +29,8 @@ _INSTALL = {
 # mimalloc returns freed pages to the kernel after 10 ms by default; a training step reuses them
 # at once, and faulting them in again cost about a quarter of SmolLM2's tokens/s (90 against 125)
 _SETTINGS = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"}}
+# ldconfig names of each allocator's system library, in the order tried
+_SYSTEM_NAMES = {"mimalloc": ("mimalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}
 _MARKER = "MEDLORA_RELAUNCHED_UNDER"
 
 
@@ -43,8 +45,7 @@ def library(name: str) -> str | None:
         if found:
             return str(found[0])
     # a system library: ldconfig's name, which the dynamic loader finds by itself
-    return ctypes.util.find_library({"tcmalloc": "tcmalloc_minimal"}.get(name, name)) or (
-        ctypes.util.find_library("tcmalloc") if name == "tcmalloc" else None)
+    return next(filter(None, map(ctypes.util.find_library, _SYSTEM_NAMES[name])), None)
 
 
 def in_use() -> str:
@@ -96,9 +97,12 @@ def relaunch_for(config_dir: Path, config_name: str) -> None:
     relaunch_under(requested)
 
 
-def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
-    """`env` for a process that starts on allocator `name` (ValueError where it is not installed)."""
-    name, path = choose(name)
+def preload_env(requested: str, env: dict[str, str]) -> dict[str, str]:
+    """`env` for a process that starts on allocator `requested` (ValueError where it is not installed)."""
+    return _with_preload(*choose(requested), env)
+
+
+def _with_preload(name: str, path: str | None, env: dict[str, str]) -> dict[str, str]:
     if path is None:
         return env
     env = {**env, "LD_PRELOAD": " ".join(filter(None, [path, env.get("LD_PRELOAD")]))}
@@ -108,14 +112,13 @@ def preload_env(name: str, env: dict[str, str]) -> dict[str, str]:
 def relaunch_under(requested: str) -> None:
     """Start this command again with the allocator preloaded, unless it already runs on it."""
     try:
-        name, _ = choose(requested)
+        name, path = choose(requested)
     except ValueError:
         return  # the run's config check reports it, with the rest of the config
     # the marker stops a loop where the loader could not preload the library after all
     if name == "system" or in_use() == name or os.environ.get(_MARKER) == name:
         return
-    env = preload_env(name, dict(os.environ))
-    env[_MARKER] = name
+    env = {**_with_preload(name, path, dict(os.environ)), _MARKER: name}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
