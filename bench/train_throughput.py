@@ -58,7 +58,8 @@ SETTINGS = {
     # gap is the allocator alone
     "trl-fastest-mimalloc": ("trl", {"packing": True, "precision": "auto", "allocator": "mimalloc"}),
 }
-# TRL's default and its fastest setting; `--settings all` adds packing alone and bf16 alone
+# TRL's default and its fastest setting; `--settings all` adds TRL's packing alone and bf16 alone,
+# medlora-glibc and trl-fastest-mimalloc
 DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-fp32", "medlora-unpacked", "medlora-lowmem",
                     "trl-default", "trl-fastest"]
 DEFINITIONS = """\
