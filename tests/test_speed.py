@@ -101,7 +101,7 @@ def _tiny_with_biases():
 @pytest.mark.parametrize("dropout, bias, precision", [(0.0, "none", "fp32"), (0.1, "none", "fp32"), (0.1, "all", "fp32"),
                                                      (0.1, "none", "bf16")])
 def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias, precision):
-    """Same seed, so the fused layers draw the same dropout masks as FastDropout in peft's layers."""
+    """Same seed, so the fused layers and MLPs draw the same dropout masks as FastDropout in peft's layers."""
     lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": dropout, "target_modules": "all-linear",
                              "use_dora": False, "use_rslora": False, "bias": bias})
     batch = medata.collate_packed(_examples(4))
@@ -117,6 +117,9 @@ def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias, prec
                 torch.nn.init.normal_(p, std=0.05)  # lora_B starts at zero; give every adapter weight a gradient
         kinds = {type(m).__name__ for m in model.modules()}
         assert ("FusedLoraLinear" in kinds) == fused
+        # fused: each SwiGLU MLP runs as one function too (an instance forward replaces the class's)
+        mlps = [m for m in model.modules() if hasattr(m, "down_proj")]
+        assert mlps and all(("forward" in vars(m)) == fused for m in mlps)
         model.train()
         torch.manual_seed(1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
