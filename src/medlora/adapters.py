@@ -93,7 +93,7 @@ class FastDropout(torch.nn.Module):
             return x
         if x.device.type != "cpu":
             return torch.nn.functional.dropout(x, self.p, True)
-        return _masked(x, keep_mask(x, self.p, fast=True)) * (1 / (1 - self.p))
+        return x * keep_mask(x, self.p, fast=True) * (1 / (1 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -142,8 +142,7 @@ class FusedLoraLinear(LoraLinear):
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    # `x * keep` would first convert the bool mask to a float copy the size of x
-    return x if keep is None else torch.where(keep, x, 0)
+    return x if keep is None else x * keep
 
 
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, p: float, fast: bool):
@@ -162,7 +161,10 @@ def _lora_backward(g, x2, keep, h, weight, lora_a, lora_b, scale: float, want_x:
     gh = (g @ b).mul_(scale)
     grad_b = (g.T @ h).to(lora_b.dtype)
     grad_a = (gh.T @ _masked(x2, keep)).to(lora_a.dtype)
-    grad_x = (g @ weight).add_(_masked(gh @ a, keep)) if want_x else None
+    grad_x = None
+    if want_x:
+        lora_x = gh @ a
+        grad_x = (g @ weight).add_(lora_x.mul_(keep) if keep is not None else lora_x)
     return grad_x, grad_a, grad_b, g.sum(0) if want_bias else None
 
 
