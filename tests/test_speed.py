@@ -137,6 +137,27 @@ def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias, prec
         torch.testing.assert_close(g_fused[name], g_plain[name], atol=atol, rtol=rtol * 10)
 
 
+def test_an_mlp_that_does_more_than_swiglu_keeps_its_own_path():
+    """Starcoder2 and Seed-OSS drop out after down_proj: fusing their MLP would lose that step."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    class DroppingMLP(LlamaMLP):
+        def forward(self, x):
+            down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+            down_proj = torch.nn.functional.dropout(down_proj, p=0.5, training=self.training)
+            return down_proj
+
+    model = _tiny(packed=True)
+    for layer in model.model.layers[::2]:
+        layer.mlp.__class__ = DroppingMLP
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear",
+                             "use_dora": False, "use_rslora": False, "bias": "none"})
+    model, _, _ = add_adapter(model, lora, False, fast_dropout=True, fused=True)
+    mlps = [layer.mlp for layer in model.get_base_model().model.layers]
+    assert [("forward" in vars(m)) for m in mlps] == [not isinstance(m, DroppingMLP) for m in mlps]
+    assert any(isinstance(m, DroppingMLP) for m in mlps) and not all(isinstance(m, DroppingMLP) for m in mlps)
+
+
 def test_pack_respects_the_budget_and_uses_every_example_once():
     lengths = [random.Random(i).randint(1, 512) for i in range(300)]
     bins = medata.pack(lengths, 2048)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import logging
+import textwrap
 import types
 
 import torch
@@ -59,7 +61,7 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool, fast_drop
     except ValueError as err:
         raise _bad_targets(lora, err) from err
     if fused:
-        fuse_swiglu(model)
+        log.info("training.fused_lora: %d SwiGLU MLPs train as one function each", fuse_swiglu(model))
     for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
         if autocast:
             # peft upcasts every input to the fp32 adapter weights, and autocast casts it straight
@@ -191,8 +193,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         return grad_x.view(ctx.shape) if grad_x is not None else None, None, grad_bias, grad_a, grad_b, None, None, None
 
 
-# the MLP of Llama, Mistral, Qwen2/3, SmolLM2 and most models transformers derives from them
-_SWIGLU_FORWARD = "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
+# the MLP of Llama, Mistral, Qwen2/3, SmolLM2 and most models transformers derives from them,
+# written either way; a body that does anything more (a dropout after down_proj) keeps its own path
+_SWIGLU_BODIES = {"down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\nreturn down_proj",
+                  "return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"}
 
 
 def fuse_swiglu(model) -> int:
@@ -202,17 +206,20 @@ def fuse_swiglu(model) -> int:
         projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         if (all(isinstance(p, FusedLoraLinear) for p in projections)
                 and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
-                and _SWIGLU_FORWARD in _source(type(module).forward)):
+                and _body(type(module).forward) in _SWIGLU_BODIES):
             module.forward = types.MethodType(_swiglu_forward, module)
             count += 1
     return count
 
 
-def _source(function) -> str:
+def _body(function) -> str:
+    """A function's statements, docstring left out, as ast prints them ("" without source code)."""
     try:
-        return " ".join(inspect.getsource(function).split())
-    except (OSError, TypeError):  # code without a source file (remote code compiled on the fly)
+        (definition,) = ast.parse(textwrap.dedent(inspect.getsource(function))).body
+    except (OSError, TypeError, SyntaxError, ValueError):  # e.g. remote code compiled on the fly
         return ""
+    statements = [s for s in definition.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    return "\n".join(ast.unparse(s) for s in statements)
 
 
 def _swiglu_forward(mlp, x: torch.Tensor) -> torch.Tensor:
