@@ -20,72 +20,72 @@ OVERLONG = ("truncate", "drop")
 LORA_BIAS = ("none", "all", "lora_only")
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
     if not ok:
         raise MedloraError(message)
 
 
-def _positive(value, key: str, fix: str, allow_zero: bool = False) -> None:
+def require_positive(value, key: str, fix: str, allow_zero: bool = False) -> None:
     good = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     good = good and (value >= 0 if allow_zero else value > 0)
     bound = ">= 0" if allow_zero else "> 0"
-    _require(good, f"{key}={value!r} is invalid: it must be a number {bound}. {fix}")
+    require(good, f"{key}={value!r} is invalid: it must be a number {bound}. {fix}")
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise MedloraError naming the first bad value; touches no model and no data."""
-    _require(cfg.precision in PRECISIONS,
-             f"precision={cfg.precision!r} is invalid: use one of {', '.join(PRECISIONS)}.")
-    _validate_model(cfg.model)
+    require(cfg.precision in PRECISIONS,
+            f"precision={cfg.precision!r} is invalid: use one of {', '.join(PRECISIONS)}.")
+    validate_model(cfg.model)
     _validate_lora(cfg.lora)
     _validate_training(cfg.training)
     _validate_data(cfg.data)
-    _validate_safety(cfg.safety)
+    validate_safety(cfg.safety)
 
 
-def _validate_model(m: DictConfig) -> None:
-    _require(m.quantization in QUANTIZATIONS,
-             f"model.quantization={m.quantization!r} is invalid: use one of {', '.join(QUANTIZATIONS)}.")
+def validate_model(m: DictConfig) -> None:
+    require(m.quantization in QUANTIZATIONS,
+            f"model.quantization={m.quantization!r} is invalid: use one of {', '.join(QUANTIZATIONS)}.")
     if m.quantization != "none":
-        _require(importlib.util.find_spec("bitsandbytes") is not None,
-                 f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
-                 "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
-    _require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
+        require(importlib.util.find_spec("bitsandbytes") is not None,
+                f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
+                "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
+    require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
 
 
 def _validate_lora(lora: DictConfig) -> None:
-    _require(isinstance(lora.rank, int) and not isinstance(lora.rank, bool) and lora.rank > 0,
-             f"lora.rank={lora.rank!r} is invalid: the LoRA rank must be a positive integer, e.g. lora.rank=16.")
-    _positive(lora.alpha, "lora.alpha", "A common choice is twice the rank, e.g. lora.alpha=32.")
-    _require(isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1,
-             f"lora.dropout={lora.dropout!r} is invalid: it must be in [0, 1), e.g. lora.dropout=0.05.")
-    _require(lora.bias in LORA_BIAS, f"lora.bias={lora.bias!r} is invalid: use one of {', '.join(LORA_BIAS)}.")
-    _require(bool(lora.target_modules),
-             "lora.target_modules is empty: use all-linear or a list such as [q_proj,v_proj].")
+    require(isinstance(lora.rank, int) and not isinstance(lora.rank, bool) and lora.rank > 0,
+            f"lora.rank={lora.rank!r} is invalid: the LoRA rank must be a positive integer, e.g. lora.rank=16.")
+    require_positive(lora.alpha, "lora.alpha", "A common choice is twice the rank, e.g. lora.alpha=32.")
+    require(isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1,
+            f"lora.dropout={lora.dropout!r} is invalid: it must be in [0, 1), e.g. lora.dropout=0.05.")
+    require(lora.bias in LORA_BIAS, f"lora.bias={lora.bias!r} is invalid: use one of {', '.join(LORA_BIAS)}.")
+    require(bool(lora.target_modules),
+            "lora.target_modules is empty: use all-linear or a list such as [q_proj,v_proj].")
 
 
 def _validate_training(t: DictConfig) -> None:
-    _positive(t.learning_rate, "training.learning_rate", "Typical LoRA values are 1e-4 to 3e-4.")
+    require_positive(t.learning_rate, "training.learning_rate", "Typical LoRA values are 1e-4 to 3e-4.")
     for key in ("batch_size", "gradient_accumulation_steps", "max_seq_len"):
         value = t[key]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"training.{key}={value!r} is invalid: it must be a positive integer.")
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"training.{key}={value!r} is invalid: it must be a positive integer.")
     for key in ("max_steps", "num_epochs", "log_every", "eval_every", "save_every"):
-        _positive(t[key], f"training.{key}", "Use 0 to turn it off.", allow_zero=True)
-    _require(t.max_steps > 0 or t.num_epochs > 0,
-             "training.max_steps and training.num_epochs are both 0: set one of them, e.g. training.max_steps=40.")
-    _require(0 <= t.warmup_ratio < 1, f"training.warmup_ratio={t.warmup_ratio!r} is invalid: it must be in [0, 1).")
-    _positive(t.weight_decay, "training.weight_decay", "Use 0 for none.", allow_zero=True)
-    _positive(t.max_grad_norm, "training.max_grad_norm", "Use 0 to turn clipping off.", allow_zero=True)
-    _require(t.overlong in OVERLONG,
-             f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
+        require_positive(t[key], f"training.{key}", "Use 0 to turn it off.", allow_zero=True)
+    require(t.max_steps > 0 or t.num_epochs > 0,
+            "training.max_steps and training.num_epochs are both 0: set one of them, e.g. training.max_steps=40.")
+    require(0 <= t.warmup_ratio < 1, f"training.warmup_ratio={t.warmup_ratio!r} is invalid: it must be in [0, 1).")
+    require_positive(t.weight_decay, "training.weight_decay", "Use 0 for none.", allow_zero=True)
+    require_positive(t.max_grad_norm, "training.max_grad_norm", "Use 0 to turn clipping off.", allow_zero=True)
+    require(t.overlong in OVERLONG,
+            f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
     for key in ("packing", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length", "cache_data"):
-        _require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
+        require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
     from transformers import SchedulerType
 
     names = [s.value for s in SchedulerType]
-    _require(t.lr_scheduler in names,
-             f"training.lr_scheduler={t.lr_scheduler!r} is not a transformers scheduler: use one of {', '.join(names)}.")
+    require(t.lr_scheduler in names,
+            f"training.lr_scheduler={t.lr_scheduler!r} is not a transformers scheduler: use one of {', '.join(names)}.")
     from medlora.allocator import choose
 
     try:
@@ -93,42 +93,42 @@ def _validate_training(t: DictConfig) -> None:
     except ValueError as err:
         raise MedloraError(str(err)) from err
     if t.resume_from:
-        _require(Path(t.resume_from).is_dir(),
-                 f"training.resume_from={t.resume_from} is not a folder: give a checkpoint folder such as "
-                 "outputs/runs/<time>/checkpoints/step_20.")
+        require(Path(t.resume_from).is_dir(),
+                f"training.resume_from={t.resume_from} is not a folder: give a checkpoint folder such as "
+                "outputs/runs/<time>/checkpoints/step_20.")
 
 
 def _validate_data(d: DictConfig) -> None:
-    _require(not OmegaConf.is_missing(d, "train_file"),
-             "data.train_file is not set: pass your file, e.g. data.train_file=/path/train.jsonl.")
+    require(not OmegaConf.is_missing(d, "train_file"),
+            "data.train_file is not set: pass your file, e.g. data.train_file=/path/train.jsonl.")
     for key in ("train_file", "eval_file"):
         path = d[key]
         if path is None and key == "eval_file":
             continue
-        _require(Path(path).is_file(),
-                 f"data.{key}={path} does not exist: check the path, or use data=sample_medical for the bundled set.")
+        require(Path(path).is_file(),
+                f"data.{key}={path} does not exist: check the path, or use data=sample_medical for the bundled set.")
     if d.eval_file is None:
-        _require(0 < d.eval_split < 1,
-                 f"data.eval_split={d.eval_split!r} is invalid: with no data.eval_file it must be in (0, 1), e.g. 0.1.")
+        require(0 < d.eval_split < 1,
+                f"data.eval_split={d.eval_split!r} is invalid: with no data.eval_file it must be in (0, 1), e.g. 0.1.")
     for key in ("max_train_samples", "max_eval_samples"):
         value = d[key]
-        _require(value is None or (isinstance(value, int) and value > 0),
-                 f"data.{key}={value!r} is invalid: use a positive integer or null.")
+        require(value is None or (isinstance(value, int) and value > 0),
+                f"data.{key}={value!r} is invalid: use a positive integer or null.")
 
 
-def _validate_safety(safety: DictConfig) -> None:
-    _require(safety.content_filter.action in ("drop", "flag"),
-             f"safety.content_filter.action={safety.content_filter.action!r} is invalid: use drop or flag.")
-    _require(safety.output_checks.on_violation in ("block", "rewrite", "refer"),
-             f"safety.output_checks.on_violation={safety.output_checks.on_violation!r} is invalid: "
-             "use block, rewrite or refer.")
+def validate_safety(safety: DictConfig) -> None:
+    require(safety.content_filter.action in ("drop", "flag"),
+            f"safety.content_filter.action={safety.content_filter.action!r} is invalid: use drop or flag.")
+    require(safety.output_checks.on_violation in ("block", "rewrite", "refer"),
+            f"safety.output_checks.on_violation={safety.output_checks.on_violation!r} is invalid: "
+            "use block, rewrite or refer.")
 
 
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    _require(not name.startswith("cuda") or torch.cuda.is_available(),
-             f"device={name} but PyTorch sees no CUDA GPU here: use device=auto or device=cpu.")
+    require(not name.startswith("cuda") or torch.cuda.is_available(),
+            f"device={name} but PyTorch sees no CUDA GPU here: use device=auto or device=cpu.")
     return name
 
 

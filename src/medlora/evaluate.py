@@ -22,7 +22,7 @@ from transformers import set_seed
 
 from medlora import data as medata
 from medlora.audit import sha256_file
-from medlora.config import _require, resolve_device, resolve_precision
+from medlora.config import require, resolve_device, resolve_precision
 from medlora.infer import (Assistant, Reply, describe_run, find_source, load_adapter_model, merged_for_speed,
                            open_audit, use_training_config, validate, write_jsonl_atomically)
 from medlora.safety.clean import clean_conversations
@@ -80,13 +80,13 @@ def _read_sets(cfg: DictConfig) -> tuple[list, list[str], dict[str, list[dict]]]
 
 def _validate(e: DictConfig) -> None:
     for key in ("max_seq_len", "batch_size"):
-        _require(isinstance(e[key], int) and e[key] > 0,
-                 f"evaluation.{key}={e[key]!r} is invalid: it must be a positive integer.")
+        require(isinstance(e[key], int) and e[key] > 0,
+                f"evaluation.{key}={e[key]!r} is invalid: it must be a positive integer.")
     for key in ("safety_samples", "generations"):
-        _require(e[key] is None or (isinstance(e[key], int) and e[key] >= 0),
-                 f"evaluation.{key}={e[key]!r} is invalid: use a number >= 0 (0: skip) or null (all).")
+        require(e[key] is None or (isinstance(e[key], int) and e[key] >= 0),
+                f"evaluation.{key}={e[key]!r} is invalid: use a number >= 0 (0: skip) or null (all).")
     for key in ("medical_file", "general_file"):
-        _require(Path(e[key]).is_file(), f"evaluation.{key}={e[key]} does not exist: check the path.")
+        require(Path(e[key]).is_file(), f"evaluation.{key}={e[key]} does not exist: check the path.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _perplexities(cfg: DictConfig, model, tokenizer, medical: list, general: lis
 def perplexities(model, accelerator, name: str, examples: list, batch_size: int, tokenizer,
                  seed: int) -> dict[str, float]:
     """`<name>_loss` and `<name>_perplexity` for the adapter, the same with `_base` for the base model."""
-    _require(bool(examples), f"the {name} evaluation set has no examples left after tokenization.")
+    require(bool(examples), f"the {name} evaluation set has no examples left after tokenization.")
     loader = medata.make_loader(examples, batch_size, tokenizer.pad_token_id, seed, train=False)
     adapter = mean_loss(model, loader, accelerator)
     with model.disable_adapter():
@@ -128,17 +128,17 @@ def perplexities(model, accelerator, name: str, examples: list, batch_size: int,
 def _medical_conversations(path: str, safety: DictConfig) -> list[list[dict]]:
     # cleaned as training cleans its eval set, so the numbers compare with the run's eval_loss
     conversations, _ = clean_conversations(medata.load_conversations(path), safety)
-    _require(bool(conversations), f"evaluation.medical_file={path}: the safety filters removed every conversation.")
+    require(bool(conversations), f"evaluation.medical_file={path}: the safety filters removed every conversation.")
     return conversations
 
 
 def _general_texts(path: str) -> list[str]:
     texts = []
     for number, row in medata.read_jsonl(path):
-        _require(isinstance(row.get("text"), str) and bool(row["text"].strip()),
-                 f"{path}:{number}: expected {{\"text\": \"...\"}} with a non-empty string.")
+        require(isinstance(row.get("text"), str) and bool(row["text"].strip()),
+                f"{path}:{number}: expected {{\"text\": \"...\"}} with a non-empty string.")
         texts.append(row["text"])
-    _require(bool(texts), f"evaluation.general_file={path} is empty: give one {{\"text\": \"...\"}} per line.")
+    require(bool(texts), f"evaluation.general_file={path} is empty: give one {{\"text\": \"...\"}} per line.")
     return texts
 
 
@@ -153,14 +153,14 @@ def _plain(tokenizer, text: str, max_seq_len: int) -> medata.Example:
 
 
 def _safety_set(path: Path, samples: int | None, seed: int) -> list[dict]:
-    _require(path.is_file(), f"{path} does not exist: set evaluation.safety_sets_dir to the folder holding "
-                             f"{', '.join(s + '.jsonl' for s in SAFETY_SETS)}, or evaluation.safety_samples=0 to skip.")
+    require(path.is_file(), f"{path} does not exist: set evaluation.safety_sets_dir to the folder holding "
+                            f"{', '.join(s + '.jsonl' for s in SAFETY_SETS)}, or evaluation.safety_samples=0 to skip.")
     rows = []
     for number, row in medata.read_jsonl(path):
-        _require(isinstance(row.get("prompt"), str) and bool(row["prompt"].strip()),
-                 f"{path}:{number}: expected {{\"id\", \"prompt\", \"expected\"}} with a non-empty prompt.")
+        require(isinstance(row.get("prompt"), str) and bool(row["prompt"].strip()),
+                f"{path}:{number}: expected {{\"id\", \"prompt\", \"expected\"}} with a non-empty prompt.")
         rows.append({"id": str(row.get("id", f"{path.stem}-{number}")), "prompt": row["prompt"]})
-    _require(bool(rows), f"{path} is empty.")
+    require(bool(rows), f"{path} is empty.")
     return [row for _, row in _sample(rows, samples, seed)]
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.audit import AuditTrail, sha256_file
-from medlora.config import _require
+from medlora.config import require
 from medlora.infer import Source, load_adapter_model
-from medlora.model import _save_atomically
+from medlora.model import save_atomically
 from medlora.tracking import experiment_id
 
 log = logging.getLogger(__name__)
@@ -44,12 +44,12 @@ def check_target(cfg: DictConfig) -> None:
     """Refuse an existing folder before anything loads: an export never overwrites one."""
     target = cfg.export.merged_dir
     if target:
-        _require(not Path(target).exists(), f"export.merged_dir={target} already exists: choose a new folder "
-                                            "(an export never overwrites one).")
-    _require(not cfg.export.registered_model_name or cfg.export.log_model,
-             "export.registered_model_name is set but export.log_model=false: set export.log_model=true to register.")
-    _require(not cfg.export.log_model or bool(cfg.tracking.enabled),
-             "export.log_model=true needs MLflow: use tracking=mlflow (the default) or set tracking.uri.")
+        require(not Path(target).exists(), f"export.merged_dir={target} already exists: choose a new folder "
+                                           "(an export never overwrites one).")
+    require(not cfg.export.registered_model_name or cfg.export.log_model,
+            "export.registered_model_name is set but export.log_model=false: set export.log_model=true to register.")
+    require(not cfg.export.log_model or bool(cfg.tracking.enabled),
+            "export.log_model=true needs MLflow: use tracking=mlflow (the default) or set tracking.uri.")
 
 
 def export(cfg: DictConfig, source: Source, audit: AuditTrail | None) -> None:
@@ -79,7 +79,7 @@ def save_merged(model, tokenizer, target: Path, cfg: DictConfig, source: Source)
         tokenizer.save_pretrained(folder)  # with the chat template the adapter was trained with
         (folder / "README.md").write_text(card)
 
-    _save_atomically(target, save)
+    save_atomically(target, save)
     log.info("merged checkpoint saved to %s", target)
     return target
 

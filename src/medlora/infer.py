@@ -30,9 +30,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from medlora import data as medata
 from medlora.audit import AuditTrail, sha256_file, sha256_text
-from medlora.config import (MedloraError, _positive, _require, _validate_model, _validate_safety, resolve_device,
-                            resolve_precision)
-from medlora.model import _save_atomically, load_model, load_tokenizer, resolve_checkpoint
+from medlora.config import (MedloraError, require, require_positive, resolve_device, resolve_precision, validate_model,
+                            validate_safety)
+from medlora.model import load_model, load_tokenizer, resolve_checkpoint, save_atomically
 from medlora.tracking import git_commit
 
 log = logging.getLogger(__name__)
@@ -50,17 +50,17 @@ UNCHECKED = "unchecked"  # the action when that safety step is turned off (safet
 
 def validate(cfg: DictConfig) -> None:
     """Check what inference reads, before anything loads."""
-    _validate_model(cfg.model)
-    _validate_safety(cfg.safety)
+    validate_model(cfg.model)
+    validate_safety(cfg.safety)
     inference = cfg.inference
     for key in ("max_new_tokens", "batch_size"):
         value = inference[key]
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"inference.{key}={value!r} is invalid: it must be a positive integer.")
-    _positive(inference.temperature, "inference.temperature", "Typical values are 0.2 to 1.0.")
-    _require(isinstance(inference.top_p, (int, float)) and 0 < inference.top_p <= 1,
-             f"inference.top_p={inference.top_p!r} is invalid: it must be in (0, 1], e.g. 0.9.")
-    _positive(inference.repetition_penalty, "inference.repetition_penalty", "Use 1.0 to turn it off.")
+        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"inference.{key}={value!r} is invalid: it must be a positive integer.")
+    require_positive(inference.temperature, "inference.temperature", "Typical values are 0.2 to 1.0.")
+    require(isinstance(inference.top_p, (int, float)) and 0 < inference.top_p <= 1,
+            f"inference.top_p={inference.top_p!r} is invalid: it must be in (0, 1], e.g. 0.9.")
+    require_positive(inference.repetition_penalty, "inference.repetition_penalty", "Use 1.0 to turn it off.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,22 +76,22 @@ class Source:
 
 def find_source(cfg: DictConfig) -> Source:
     spec, run_id = cfg.adapter, cfg.run_id
-    _require(not (spec and run_id), "give the adapter once: adapter=<folder or runs:/<id>> or run_id=<id>, not both.")
-    _require(bool(spec or run_id), "no adapter given: pass adapter=outputs/runs/<time>/adapter, "
-                                   "adapter=runs:/<mlflow run id> or run_id=<mlflow run id>.")
+    require(not (spec and run_id), "give the adapter once: adapter=<folder or runs:/<id>> or run_id=<id>, not both.")
+    require(bool(spec or run_id), "no adapter given: pass adapter=outputs/runs/<time>/adapter, "
+                                  "adapter=runs:/<mlflow run id> or run_id=<mlflow run id>.")
     if run_id is not None or str(spec).startswith(RUN_PREFIX):
-        _require(isinstance(run_id or spec, str),
+        require(isinstance(run_id or spec, str),
                  f"run_id={run_id} was read as a number: quote it, e.g. run_id=\"'{run_id}'\".")
         run_id, _, artifact = (run_id or spec[len(RUN_PREFIX):]).partition("/")
-        _require(artifact.strip("/") in ("", "adapter"), f"adapter={spec}: give runs:/<run id>; the adapter is "
+        require(artifact.strip("/") in ("", "adapter"), f"adapter={spec}: give runs:/<run id>; the adapter is "
                                                           "the run's `adapter` artifact.")
         return _from_run(cfg, run_id)
     folder = Path(str(spec)).expanduser()
-    _require(folder.is_dir(), f"adapter={spec} does not exist: give a training run's adapter folder, e.g. "
+    require(folder.is_dir(), f"adapter={spec} does not exist: give a training run's adapter folder, e.g. "
                               "outputs/runs/<time>/adapter, or adapter=runs:/<mlflow run id>.")
-    _require((folder / "adapter_config.json").is_file(),
-             f"adapter={spec} is not an adapter folder (no adapter_config.json): give the `adapter` folder "
-             "inside a training run's folder.")
+    require((folder / "adapter_config.json").is_file(),
+            f"adapter={spec} is not an adapter folder (no adapter_config.json): give the `adapter` folder "
+            "inside a training run's folder.")
     # train.py writes the resolved config next to the adapter: it names the model it was trained on
     beside = folder.resolve().parent / "config_resolved.yaml"
     return Source(folder.resolve(), trained=OmegaConf.load(beside) if beside.is_file() else None)
@@ -99,8 +99,8 @@ def find_source(cfg: DictConfig) -> Source:
 
 def _from_run(cfg: DictConfig, run_id: str) -> Source:
     tracking = cfg.tracking
-    _require(bool(tracking.enabled and tracking.uri), f"run {run_id} is an MLflow run, but tracking is off: "
-             "use tracking=mlflow (the default store) or set tracking.uri to the store that holds the run.")
+    require(bool(tracking.enabled and tracking.uri), f"run {run_id} is an MLflow run, but tracking is off: "
+            "use tracking=mlflow (the default store) or set tracking.uri to the store that holds the run.")
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -112,14 +112,14 @@ def _from_run(cfg: DictConfig, run_id: str) -> Source:
         raise MedloraError(f"no MLflow run {run_id} in tracking.uri={tracking.uri} "
                            f"({str(err).splitlines()[0]}). Check the id: the training log prints it, and "
                            "`make ui` lists every run.") from err
-    _require("adapter" in names, f"MLflow run {run_id} has no `adapter` artifact (was it trained with "
+    require("adapter" in names, f"MLflow run {run_id} has no `adapter` artifact (was it trained with "
                                  "tracking.log_adapter=false?): give its folder instead, "
                                  "adapter=outputs/runs/<time>/adapter.")
     # run artifacts never change, so one download per run is enough
     target = Path(cfg.paths.cache_dir) / "runs" / run_id
     if not (target / "adapter" / "adapter_config.json").is_file():
         wanted = ["adapter", *(["config_resolved.yaml"] if "config_resolved.yaml" in names else [])]
-        _save_atomically(target, lambda folder: _download(tracking.uri, run_id, wanted, folder))
+        save_atomically(target, lambda folder: _download(tracking.uri, run_id, wanted, folder))
     trained = target / "config_resolved.yaml"
     return Source(target / "adapter", run_id, OmegaConf.load(trained) if trained.is_file() else None)
 
@@ -483,7 +483,7 @@ def open_audit(cfg: DictConfig, output_dir: Path, source: Source, adapter_sha256
 
 def read_prompts(path: str) -> list[tuple[dict, list[dict]]]:
     """(row to echo, conversation) per line: {"prompt": ...} or {"messages": [...]}, plus an optional "id"."""
-    _require(Path(path).is_file(), f"input={path} does not exist: give a JSONL file of prompts, one "
+    require(Path(path).is_file(), f"input={path} does not exist: give a JSONL file of prompts, one "
                                    "{\"prompt\": \"...\"} per line.")
     rows = []
     for number, row in medata.read_jsonl(path):
@@ -493,17 +493,17 @@ def read_prompts(path: str) -> list[tuple[dict, list[dict]]]:
             ok = isinstance(messages, list) and messages and all(
                 isinstance(m, dict) and m.get("role") in medata.ROLES and isinstance(m.get("content"), str)
                 for m in messages)
-            _require(bool(ok), f"{where}: `messages` must be a list of {{role, content}} objects.")
-            _require(messages[-1]["role"] == "user", f"{where}: the last message must be the user's, to be answered.")
+            require(bool(ok), f"{where}: `messages` must be a list of {{role, content}} objects.")
+            require(messages[-1]["role"] == "user", f"{where}: the last message must be the user's, to be answered.")
         else:
             prompt = row.get("prompt")
-            _require(isinstance(prompt, str), f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}, "
+            require(isinstance(prompt, str), f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}, "
                                               f"got keys {sorted(row)}.")
             messages = [{"role": "user", "content": prompt}]
-        _require(bool(messages[-1]["content"].strip()), f"{where}: the prompt is empty.")
+        require(bool(messages[-1]["content"].strip()), f"{where}: the prompt is empty.")
         echo = {"line": number, **({"id": row["id"]} if "id" in row else {}), "prompt": messages[-1]["content"]}
         rows.append((echo, [{"role": m["role"], "content": m["content"]} for m in messages]))
-    _require(bool(rows), f"input={path} holds no prompts: the file is empty. Give one {{\"prompt\": \"...\"}} "
+    require(bool(rows), f"input={path} holds no prompts: the file is empty. Give one {{\"prompt\": \"...\"}} "
                          "per line.")
     return rows
 
@@ -538,12 +538,12 @@ def answer_file(assistant: Assistant, rows: list[tuple[dict, list[dict]]], outpu
     generated = [r for r in replies if r.model_called]
     tokens = sum(r.new_tokens for r in generated)
     stats = {"prompts": len(replies), "answered_by_triage": len(replies) - len(generated), "new_tokens": tokens,
-             "seconds": seconds, "tokens_per_second": tokens / seconds, "prompts_per_second": len(replies) / seconds}
+            "seconds": seconds, "tokens_per_second": tokens / seconds, "prompts_per_second": len(replies) / seconds}
     ttfts = sorted({r.ttft_s for r in generated if r.ttft_s is not None})
     log.info("batch: %d prompts (%d answered by triage) in %.2f s: %d new tokens, %.1f tokens/s, %.2f prompts/s "
-             "overall; time to first token per batch %s s", stats["prompts"], stats["answered_by_triage"], seconds,
-             tokens, stats["tokens_per_second"], stats["prompts_per_second"],
-             ", ".join(f"{t:.3f}" for t in ttfts) or "-")
+            "overall; time to first token per batch %s s", stats["prompts"], stats["answered_by_triage"], seconds,
+            tokens, stats["tokens_per_second"], stats["prompts_per_second"],
+            ", ".join(f"{t:.3f}" for t in ttfts) or "-")
     log.info("responses written to %s", output)
     return stats
 
@@ -595,8 +595,8 @@ def _log_reply(reply: Reply) -> None:
         log.info("safety: triage answered (%s: %s); the model was not called", reply.action, ", ".join(reply.rule_ids))
         return
     log.info("time to first token %.3f s; %d new tokens in %.2f s (%.1f tokens/s); output check: %s%s",
-             reply.ttft_s or 0.0, reply.new_tokens, reply.seconds, reply.tokens_per_second, reply.action,
-             f" ({', '.join(reply.rule_ids)})" if reply.rule_ids else "")
+            reply.ttft_s or 0.0, reply.new_tokens, reply.seconds, reply.tokens_per_second, reply.action,
+            f" ({', '.join(reply.rule_ids)})" if reply.rule_ids else "")
 
 
 def run(cfg: DictConfig, info) -> None:
@@ -615,7 +615,7 @@ def run(cfg: DictConfig, info) -> None:
         return
     model, tokenizer, _ = load_adapter_model(cfg, source, device, precision)
     log.info("adapter %s%s on %s, %s on %s", source.adapter_dir, describe_run(source), cfg.model.base_model, precision,
-             device)
+            device)
     assistant = Assistant(merged_for_speed(model, cfg), tokenizer, cfg, audit, adapter_sha256)
     if prompt is not None:
         answer_prompt(assistant, prompt)
@@ -632,13 +632,13 @@ def check_request(cfg: DictConfig, info) -> tuple[Source, str | None, list | Non
     from medlora import export as exporter
 
     modes = [name for name in ("prompt", "input", "chat") if cfg[name] not in (None, False)]
-    _require(len(modes) <= 1, f"give one of prompt=..., input=... or chat=true, not {' and '.join(modes)}.")
-    _require(bool(modes) or bool(cfg.export.merged_dir or cfg.export.log_model),
-             "nothing to do: give prompt=\"...\", input=prompts.jsonl, chat=true, or export.merged_dir=<folder> / "
-             "export.log_model=true.")
+    require(len(modes) <= 1, f"give one of prompt=..., input=... or chat=true, not {' and '.join(modes)}.")
+    require(bool(modes) or bool(cfg.export.merged_dir or cfg.export.log_model),
+            "nothing to do: give prompt=\"...\", input=prompts.jsonl, chat=true, or export.merged_dir=<folder> / "
+            "export.log_model=true.")
     prompt = None if cfg.prompt is None else str(cfg.prompt)  # Hydra reads prompt=42 as a number
-    _require(prompt is None or bool(prompt.strip()),
-             "prompt is empty: give the question, e.g. prompt=\"What is a normal resting heart rate?\".")
+    require(prompt is None or bool(prompt.strip()),
+            "prompt is empty: give the question, e.g. prompt=\"What is a normal resting heart rate?\".")
     source = find_source(cfg)
     if source.trained is not None:
         brought = use_training_config(cfg, source.trained, list(info.overrides))

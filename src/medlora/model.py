@@ -52,7 +52,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_atomically(target: Path, save) -> Path:
+def save_atomically(target: Path, save) -> Path:
     """Write into a temporary sibling folder and rename it, so a crash never leaves half a checkpoint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -84,7 +84,7 @@ def dequantized_gguf(spec: str, cache_dir: str) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _save_atomically(target, save)
+    return save_atomically(target, save)
 
 
 def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str, seed: int) -> Path:
@@ -104,7 +104,7 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return _save_atomically(target, save)
+    return save_atomically(target, save)
 
 
 def resolve_checkpoint(model_cfg: DictConfig, cache_dir: str, seed: int) -> tuple[str, str]:

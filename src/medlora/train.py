@@ -29,7 +29,7 @@ from medlora import loss as medlora_loss
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail, sha256_file, sha256_text
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
-from medlora.model import _save_atomically, load_model, load_tokenizer, resolve_checkpoint
+from medlora.model import load_model, load_tokenizer, resolve_checkpoint, save_atomically
 from medlora.safety.clean import CleanReport, clean_conversations
 from medlora.tracking import Tracker, git_commit
 
@@ -350,7 +350,7 @@ def _save_adapter(model, tokenizer, target: Path) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)  # carries the chat template the adapter was trained with
 
-    return _save_atomically(target, save)
+    return save_atomically(target, save)
 
 
 def _save_checkpoint(model, optimizer, scheduler, accelerator, target: Path, step: int) -> None:
@@ -360,7 +360,7 @@ def _save_checkpoint(model, optimizer, scheduler, accelerator, target: Path, ste
                     "rng": torch.get_rng_state()}, folder / "training_state.pt")
         (folder / "trainer_state.json").write_text(json.dumps({"step": step}))
 
-    _save_atomically(target, save)
+    save_atomically(target, save)
     log.info("checkpoint saved to %s", target)
 
 
