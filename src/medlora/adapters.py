@@ -42,7 +42,8 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool, fast_drop
     """Wrap `model` with a fresh LoRA adapter; return (peft model, trainable params, total params).
 
     `autocast`: the forward runs under mixed-precision autocast, which casts the adapter's inputs itself.
-    `fused`: plain linear layers train through FusedLoraLinear (same maths, less memory).
+    `fused`: plain linear layers train through FusedLoraLinear, and SwiGLU MLPs made of them through
+    _SwigluLoraFunction (same maths, less memory).
     """
     # non-reentrant checkpointing works with frozen inputs, so no input-grad hooks are needed
     checkpointing_kwargs = {"use_reentrant": False}
@@ -54,7 +55,8 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool, fast_drop
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
     config = lora_config(lora)
     # bitsandbytes layers subclass nn.Linear but keep their own LoRA layers; DoRA has its own maths
-    if fused and not getattr(model, "is_quantized", False) and not lora.use_dora:
+    fused = fused and not getattr(model, "is_quantized", False) and not lora.use_dora
+    if fused:
         config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
     try:
         model = get_peft_model(model, config)
