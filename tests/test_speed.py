@@ -137,6 +137,31 @@ def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias, prec
         torch.testing.assert_close(g_fused[name], g_plain[name], atol=atol, rtol=rtol * 10)
 
 
+def test_fused_layers_keep_no_copy_of_a_norm_s_output():
+    """The norms keep their inputs; the fused layers that read their outputs keep those too, and remake the outputs."""
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear",
+                             "use_dora": False, "use_rslora": False, "bias": "none"})
+    model, _, _ = add_adapter(_tiny(packed=True), lora, False, fast_dropout=True, fused=True)
+    model.train()
+    outputs = {}  # storage -> (what made it, the tensor, held so that its memory is not reused)
+
+    def note(name: str, tensor: torch.Tensor) -> None:
+        outputs[tensor.data_ptr()] = (name, tensor)
+
+    for name, module in model.named_modules():
+        if name.endswith("layernorm"):
+            module.register_forward_hook(lambda m, a, out, name=name: note(name, out))
+    kept = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.data_ptr()) or t, lambda t: t):
+        total, count = loss_sum(model, medata.collate_packed(_examples(4)), True)
+    layers = len(model.get_base_model().model.layers)
+    assert len(outputs) == 2 * layers
+    assert sorted(outputs[p][0] for p in kept & outputs.keys()) == []
+    # the remade outputs give the gradients (compared with peft's in the test above)
+    (total / count).backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
 def test_an_mlp_that_does_more_than_swiglu_keeps_its_own_path():
     """Starcoder2 and Seed-OSS drop out after down_proj: fusing their MLP would lose that step."""
     from transformers.models.llama.modeling_llama import LlamaMLP

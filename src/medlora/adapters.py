@@ -42,8 +42,9 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool, fast_drop
     """Wrap `model` with a fresh LoRA adapter; return (peft model, trainable params, total params).
 
     `autocast`: the forward runs under mixed-precision autocast, which casts the adapter's inputs itself.
-    `fused`: plain linear layers train through FusedLoraLinear, and SwiGLU MLPs made of them through
-    _SwigluLoraFunction (same maths, less memory).
+    `fused`: plain linear layers train through FusedLoraLinear, SwiGLU MLPs made of them through
+    _SwigluLoraFunction, and the norms' outputs they read are remade in the backward pass (same
+    maths, less memory).
     """
     # non-reentrant checkpointing works with frozen inputs, so no input-grad hooks are needed
     checkpointing_kwargs = {"use_reentrant": False}
@@ -64,6 +65,8 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool, fast_drop
         raise _bad_targets(lora, err) from err
     if fused:
         log.info("training.fused_lora: %d SwiGLU MLPs train as one function each", fuse_swiglu(model))
+        log.info("training.fused_lora: the outputs of %d norms are remade in the backward pass where a "
+                 "LoRA layer reads them", mark_norm_outputs(model))
     for layer in (m for m in model.modules() if isinstance(m, LoraLayer)):
         if autocast:
             # peft upcasts every input to the fp32 adapter weights, and autocast casts it straight
@@ -173,7 +176,11 @@ def _lora_backward(g, x2, keep, h, weight, lora_a, lora_b, scale: float, want_x:
 
 
 class _LoraLinearFunction(torch.autograd.Function):
-    """y = x W^T + b + (s / (1 - p)) ((x * keep) A^T) B^T, computed in the base weight's dtype."""
+    """y = x W^T + b + (s / (1 - p)) ((x * keep) A^T) B^T, computed in the base weight's dtype.
+
+    An input marked by `recomputable` (a norm's output) is not kept: the tensors it is made from
+    are, and autograd keeps those for the backward pass anyway.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, fast: bool):
@@ -181,18 +188,76 @@ class _LoraLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(weight.dtype)
             y, keep, h = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling, p, fast)
-        ctx.save_for_backward(x2, keep, h, weight, lora_a, lora_b)
+        ctx.remake, kept = getattr(x, _RECIPE, (None, (x2,)))
+        if ctx.remake is not None:
+            ctx.remake.readers += 1
+        ctx.save_for_backward(*kept, keep, h, weight, lora_a, lora_b)
         ctx.scale, ctx.shape, ctx.has_bias = scaling / (1 - p), shape, bias is not None
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        x2, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        *kept, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        x2 = kept[0] if ctx.remake is None else ctx.remake.get(kept).reshape(-1, ctx.shape[-1]).to(weight.dtype)
         g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
         grad_x, grad_a, grad_b, grad_bias = _lora_backward(
             g, x2, keep, h, weight, lora_a, lora_b, ctx.scale, ctx.needs_input_grad[0],
             ctx.has_bias and ctx.needs_input_grad[2])
         return grad_x.view(ctx.shape) if grad_x is not None else None, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+class Remake:
+    """fn(*tensors) made again in the backward pass, under the forward's autocast state, once for
+    all the layers that read it (q, k and v read one norm's output)."""
+
+    def __init__(self, fn, autocast: tuple):
+        self.fn, self.autocast = fn, autocast
+        self.readers, self.made = 0, None
+
+    def get(self, tensors) -> torch.Tensor:
+        if self.made is None:
+            device, enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                self.made = self.fn(*tensors)
+        made = self.made
+        self.readers -= 1
+        if self.readers == 0:  # the last reader: free it
+            self.made = None
+        return made
+
+
+_RECIPE = "_medlora_remake"
+
+
+def recomputable(output: torch.Tensor, fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """Mark `output` as fn(*tensors), tensors that autograd keeps anyway, so that a fused LoRA
+    layer reading `output` keeps those instead of a second copy of it. fn must be deterministic."""
+    if torch.is_grad_enabled():
+        device = output.device.type
+        autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        # the tensors stay apart from the Remake: the readers hand them to save_for_backward, which
+        # frees them after the backward pass, while the Remake lives as long as the graph
+        setattr(output, _RECIPE, (Remake(fn, autocast), tensors))
+    return output
+
+
+def mark_norm_outputs(model) -> int:
+    """Mark the output of every RMSNorm/LayerNorm as recomputable from its input; return how many.
+
+    The norm keeps its input for its own backward pass, and the q, k, v (or gate, up) layers that
+    read its output would keep that too: one tensor of the model's width per norm, twice per layer.
+    Recomputing the norm in the backward pass is one elementwise pass over it.
+    """
+    norms = [m for m in model.modules()
+             if type(m).__name__.endswith("RMSNorm") or isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    for norm in norms:
+        norm.register_forward_hook(_mark_norm_output, with_kwargs=True)
+    return len(norms)
+
+
+def _mark_norm_output(module, args, kwargs, output):
+    if module.training and len(args) == 1 and not kwargs and isinstance(output, torch.Tensor):
+        recomputable(output, module, args[0])
 
 
 # the MLP of Llama, Mistral, Qwen2/3, SmolLM2 and most models transformers derives from them,
