@@ -16,7 +16,7 @@ from test_infer import compose, forget_download
 
 from medlora.config import MedloraError
 from medlora.infer import Reply
-from medlora.train import RunInfo
+from medlora.cli import RunInfo
 
 QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
       ("What does LDL measure?", "The cholesterol carried by low-density lipoprotein."),

@@ -10,7 +10,7 @@ import torch
 from test_infer import compose, forget_download, infer, tiny_adapter
 
 from medlora.config import MedloraError
-from medlora.train import RunInfo
+from medlora.cli import RunInfo
 
 
 @pytest.fixture(scope="module")

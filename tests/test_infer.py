@@ -17,7 +17,7 @@ from conftest import ROOT, write_jsonl
 from omegaconf import OmegaConf
 
 from medlora.config import MedloraError
-from medlora.train import RunInfo
+from medlora.cli import RunInfo
 
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token

@@ -12,6 +12,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +30,17 @@ from medlora.config import MedloraError  # noqa: E402
 log = logging.getLogger("medlora")
 
 
-def run_info():
-    """Where Hydra put this job, and the sweep it belongs to (None for a single run)."""
-    from medlora.train import RunInfo
+@dataclass
+class RunInfo:
+    """Where Hydra put this job, and whether it belongs to a sweep."""
 
+    output_dir: Path
+    sweep_dir: str | None = None
+    overrides: tuple[str, ...] = ()
+
+
+def run_info() -> RunInfo:
+    """Where Hydra put this job, and the sweep it belongs to (None for a single run)."""
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     return RunInfo(output_dir=Path(hydra_cfg.runtime.output_dir),

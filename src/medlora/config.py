@@ -1,4 +1,7 @@
-"""Check the composed config once, before anything slow happens, and resolve `auto` values."""
+"""Check the composed config once, before anything slow happens, and resolve `auto` values.
+
+Light on purpose: train.py checks a single run's config before torch, transformers and peft load.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import importlib.util
 import math
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 
@@ -32,8 +34,12 @@ def require_positive(value, key: str, fix: str, allow_zero: bool = False) -> Non
     require(good, f"{key}={value!r} is invalid: it must be a number {bound}. {fix}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise MedloraError naming the first bad value; touches no model and no data."""
+def validate(cfg: DictConfig, libraries: bool = True) -> None:
+    """Raise MedloraError naming the first bad value; touches no model and no data.
+
+    `libraries=False` leaves out the check that imports transformers (the scheduler's name, about
+    ten seconds on 2 cores with the torch and peft it pulls in), for a check before they load.
+    """
     require(cfg.precision in PRECISIONS,
             f"precision={cfg.precision!r} is invalid: use one of {', '.join(PRECISIONS)}.")
     validate_model(cfg.model)
@@ -41,6 +47,12 @@ def validate(cfg: DictConfig) -> None:
     _validate_training(cfg.training)
     _validate_data(cfg.data)
     validate_safety(cfg.safety)
+    if libraries:
+        from transformers import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        require(cfg.training.lr_scheduler in names, f"training.lr_scheduler={cfg.training.lr_scheduler!r} is not a "
+                f"transformers scheduler: use one of {', '.join(names)}.")
 
 
 def validate_model(m: DictConfig) -> None:
@@ -81,11 +93,6 @@ def _validate_training(t: DictConfig) -> None:
             f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
     for key in ("packing", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length", "cache_data"):
         require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
-    from transformers import SchedulerType
-
-    names = [s.value for s in SchedulerType]
-    require(t.lr_scheduler in names,
-            f"training.lr_scheduler={t.lr_scheduler!r} is not a transformers scheduler: use one of {', '.join(names)}.")
     from medlora.allocator import choose
 
     try:
@@ -125,6 +132,8 @@ def validate_safety(safety: DictConfig) -> None:
 
 
 def resolve_device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     require(not name.startswith("cuda") or torch.cuda.is_available(),
@@ -136,6 +145,8 @@ def resolve_precision(name: str, device: str) -> str:
     """`auto` picks the fastest dtype the hardware computes natively; LoRA weights stay fp32."""
     if name != "auto":
         return name
+    import torch
+
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():

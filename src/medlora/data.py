@@ -1,6 +1,8 @@
 """JSONL conversations -> chat template (with the safety system prompt) -> tokens with labels.
 
 Loss is computed on assistant tokens only: system, user and template tokens get label -100.
+Reading and checking a file needs no torch (imported where batches are made), so train.py
+reports a bad file before the heavy libraries load.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from medlora.config import MedloraError
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
@@ -170,6 +174,16 @@ def tokenize_dataset(conversations, tokenizer, system_prompt, max_seq_len: int, 
     return examples, stats
 
 
+def load_splits(data_cfg, seed: int) -> tuple[list, list]:
+    """(train, eval) conversations of a `data` config: eval_file, or an eval_split of train_file."""
+    train = load_conversations(data_cfg.train_file)
+    if data_cfg.eval_file:
+        evals = load_conversations(data_cfg.eval_file)
+    else:
+        train, evals = split_eval(train, data_cfg.eval_split, seed)
+    return train[: data_cfg.max_train_samples], evals[: data_cfg.max_eval_samples]
+
+
 def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, list]:
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
@@ -183,6 +197,8 @@ def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, l
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    import torch
+
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -239,6 +255,8 @@ def collate_packed(examples: list[Example]) -> dict:
     other). cu_seq_lens marks the boundaries for attention kernels that run per conversation:
     flash-attention's varlen path, and medlora's `sdpa_varlen` (medlora.model).
     """
+    import torch
+
     lengths = [len(e.input_ids) for e in examples]
     labels = [label for e in examples for label in [IGNORE, *e.labels[1:]]]  # no target across a boundary
     bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
@@ -309,6 +327,8 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, train: bool,
                 group_by_length: bool = True, packed_tokens: int = 0) -> torch.utils.data.DataLoader:
     """Padded batches of `batch_size` conversations, or packed micro-batches of `packed_tokens` tokens."""
+    import torch.utils.data
+
     lengths = [len(e.input_ids) for e in examples]
     if packed_tokens:
         sampler = PackedBatches(lengths, packed_tokens, seed, shuffle=train)

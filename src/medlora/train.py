@@ -10,7 +10,6 @@ import os
 import pickle
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from medlora import data as medata
 from medlora import loss as medlora_loss
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail, sha256_file, sha256_text
+from medlora.cli import RunInfo
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
 from medlora.model import load_model, load_tokenizer, resolve_checkpoint, save_atomically
 from medlora.safety.clean import CleanReport, clean_conversations
@@ -39,23 +39,18 @@ log = logging.getLogger(__name__)
 DATA_CACHE_VERSION = 1
 
 
-@dataclass
-class RunInfo:
-    """Where Hydra put this job, and whether it belongs to a sweep."""
+def run(cfg: DictConfig, info: RunInfo, conversations: tuple[list, list] | None = None) -> float:
+    """Fine-tune one adapter; return the final eval loss (what sweepers minimise).
 
-    output_dir: Path
-    sweep_dir: str | None = None
-    overrides: tuple[str, ...] = ()
-
-
-def run(cfg: DictConfig, info: RunInfo) -> float:
-    """Fine-tune one adapter; return the final eval loss (what sweepers minimise)."""
+    `conversations`: (train, eval) as medlora.data.load_splits gives them, where the caller has
+    read them already.
+    """
     tracker = Tracker(cfg)
     if info.sweep_dir:
         # a sweep records every job under its parent, one that fails on a bad value too
         tracker.start(info.sweep_dir, list(info.overrides))
     try:
-        eval_loss = _prepare_and_fit(cfg, info, tracker)
+        eval_loss = _prepare_and_fit(cfg, info, tracker, conversations)
     except BaseException as err:
         tracker.finish("FAILED", error=f"{type(err).__name__}: {err}")
         raise
@@ -65,13 +60,13 @@ def run(cfg: DictConfig, info: RunInfo) -> float:
     return eval_loss
 
 
-def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker) -> float:
+def _prepare_and_fit(cfg: DictConfig, info: RunInfo, tracker: Tracker, conversations: tuple | None) -> float:
     # everything that can reject the input runs before the model loads
     validate(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
-    train_convs, eval_convs = _load_conversations(cfg.data, cfg.seed)
+    train_convs, eval_convs = conversations or medata.load_splits(cfg.data, cfg.seed)
     model_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
     tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
     train_set, eval_set, token_stats, train_safety, eval_safety = _prepare_data(cfg, tokenizer, train_convs, eval_convs)
@@ -151,15 +146,6 @@ def _audit_data(audit: AuditTrail, cfg: DictConfig, train_safety: CleanReport, e
     audit.record("content_filter", outcome=cfg.safety.content_filter.action if content else "clean",
                  counts=dict(content), rule_ids=list(content), enabled=bool(cfg.safety.content_filter.enabled),
                  flagged_train_positions=train_safety.flagged, flagged_eval_positions=eval_safety.flagged)
-
-
-def _load_conversations(data_cfg: DictConfig, seed: int) -> tuple[list, list]:
-    train = medata.load_conversations(data_cfg.train_file)
-    if data_cfg.eval_file:
-        evals = medata.load_conversations(data_cfg.eval_file)
-    else:
-        train, evals = medata.split_eval(train, data_cfg.eval_split, seed)
-    return train[: data_cfg.max_train_samples], evals[: data_cfg.max_eval_samples]
 
 
 def _tokenize(cfg: DictConfig, tokenizer, train_convs, eval_convs):
