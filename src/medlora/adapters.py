@@ -188,7 +188,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, shape[-1]).to(weight.dtype)
             y, keep, h = _lora_forward(x2, weight, bias, lora_a, lora_b, scaling, p, fast)
-        ctx.remake, kept = getattr(x, _RECIPE, (None, (x2,)))
+        ctx.remake, kept = getattr(x, _REMAKE, (None, (x2,)))
         if ctx.remake is not None:
             ctx.remake.readers += 1
         ctx.save_for_backward(*kept, keep, h, weight, lora_a, lora_b)
@@ -226,7 +226,7 @@ class Remake:
         return made
 
 
-_RECIPE = "_medlora_remake"
+_REMAKE = "_medlora_remake"
 
 
 def recomputable(output: torch.Tensor, fn, *tensors: torch.Tensor) -> torch.Tensor:
@@ -237,7 +237,7 @@ def recomputable(output: torch.Tensor, fn, *tensors: torch.Tensor) -> torch.Tens
         autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         # the tensors stay apart from the Remake: the readers hand them to save_for_backward, which
         # frees them after the backward pass, while the Remake lives as long as the graph
-        setattr(output, _RECIPE, (Remake(fn, autocast), tensors))
+        setattr(output, _REMAKE, (Remake(fn, autocast), tensors))
     return output
 
 
