@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import AUTO_ALLOCATOR, ROOT, TINY, mlflow_client, train
 from medlora import data as medata
-from medlora.adapters import FastDropout, add_adapter
+from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
 from medlora.model import DTYPES, load_model, resolve_checkpoint
 
@@ -160,6 +161,32 @@ def test_fused_layers_keep_no_copy_of_a_norm_s_output():
     # the remade outputs give the gradients (compared with peft's in the test above)
     (total / count).backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("shape", [(8,), (3, 5), (7, 576), (1, 1)])
+def test_dropout_masks_are_kept_as_bits(shape):
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(shape), 0.3, fast=True)
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape), mask.to(torch.uint8))
+
+
+def test_fused_layers_keep_no_byte_per_element_mask():
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear",
+                             "use_dora": False, "use_rslora": False, "bias": "none"})
+    model, _, _ = add_adapter(_tiny(packed=True), lora, False, fast_dropout=True, fused=True)
+    model.train()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss_sum(model, medata.collate_packed(_examples(4)), True)
+    tokens = sum(len(e.input_ids) for e in _examples(4))
+    layers = len(model.get_base_model().model.layers)
+    # (the model keeps a small bool tensor of its own, one element per token)
+    assert not [t for t in kept if t.dtype == torch.bool and t.numel() > tokens]
+    # one bit per input element of each adapted layer: the tiny model's layers read 64 features, down_proj 128
+    masks = Counter(t.numel() for t in kept if t.dtype == torch.uint8)
+    assert masks == {tokens * 64 // 8: 6 * layers, tokens * 128 // 8: layers}
 
 
 def test_an_mlp_that_does_more_than_swiglu_keeps_its_own_path():

@@ -122,7 +122,7 @@ class FusedLoraLinear(LoraLinear):
     peft's `base(x) + lora_B(lora_A(dropout(x))) * scaling` keeps, for the backward pass, a dropped
     fp32 copy of the input in every adapted layer and a mask beside it, and spends a full pass over
     the output on the scaling. Here the input is kept once (q, k and v, or gate and up, read the
-    same tensor) with a 1-byte mask, and the scaling applies to the rank-r product. Evaluation,
+    same tensor) with a 1-bit mask, and the scaling applies to the rank-r product. Evaluation,
     merged or disabled adapters, several active adapters and other variants keep peft's path.
     """
 
@@ -152,9 +152,37 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     return x if keep is None else x * keep
 
 
+# int64 constants of the bit tricks below (bit i of a byte <-> byte i of a word, little-endian)
+_GATHER = 0x0102040810204080  # moves the low bit of byte i to bit 56 + i
+_SPREAD = 0x0101010101010101  # copies a byte into all eight
+_SELECT = 0x8040201008040201 - 2**64  # keeps bit i of byte i
+_ROUND = 0x7F7F7F7F7F7F7F7F  # a byte's top bit set iff it was not 0
+
+
+def pack_bits(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A 0/1 uint8 (or bool) mask packed eight elements to a byte, for the backward pass: 1/8 of its memory."""
+    if mask is None:
+        return None
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    # one multiply per eight elements; the products of different bytes never overlap, so no carries
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """pack_bits undone, as a 0/1 uint8 tensor shaped `shape` (it multiplies like the bool mask)."""
+    if packed is None:
+        return None
+    words = packed.to(torch.int64)
+    words.mul_(_SPREAD).bitwise_and_(_SELECT).add_(_ROUND).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    return words.view(torch.uint8)[:shape.numel()].view(shape)
+
+
 def _lora_forward(x2, weight, bias, lora_a, lora_b, scaling: float, p: float, fast: bool):
     """(x W^T + b + (s / (1 - p)) ((x * keep) A^T) B^T, keep, the rank-r product) for 2-D x, in x's dtype."""
-    keep = keep_mask(x2, p, fast) if p > 0 else None
+    # as 0/1 bytes: multiplying by them took a third of the time of multiplying by bools on a CPU
+    keep = keep_mask(x2, p, fast).view(torch.uint8) if p > 0 else None
     a, b = lora_a.to(x2.dtype), lora_b.to(x2.dtype)
     # the dropout's 1 / (1 - p) goes with the scaling onto the rank-r product
     h = (_masked(x2, keep) @ a.T).mul_(scaling / (1 - p))
@@ -191,7 +219,7 @@ class _LoraLinearFunction(torch.autograd.Function):
         ctx.remake, kept = getattr(x, _REMAKE, (None, (x2,)))
         if ctx.remake is not None:
             ctx.remake.readers += 1
-        ctx.save_for_backward(*kept, keep, h, weight, lora_a, lora_b)
+        ctx.save_for_backward(*kept, pack_bits(keep), h, weight, lora_a, lora_b)
         ctx.scale, ctx.shape, ctx.has_bias = scaling / (1 - p), shape, bias is not None
         return y.view(*shape[:-1], -1)
 
@@ -199,6 +227,7 @@ class _LoraLinearFunction(torch.autograd.Function):
     def backward(ctx, grad):
         *kept, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
         x2 = kept[0] if ctx.remake is None else ctx.remake.get(kept).reshape(-1, ctx.shape[-1]).to(weight.dtype)
+        keep = unpack_bits(keep, x2.shape)
         g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
         grad_x, grad_a, grad_b, grad_bias = _lora_backward(
             g, x2, keep, h, weight, lora_a, lora_b, ctx.scale, ctx.needs_input_grad[0],
@@ -310,13 +339,14 @@ class _SwigluLoraFunction(torch.autograd.Function):
         with torch.autocast(gate.device.type, enabled=False):
             g2, u2 = gate.reshape(-1, shape[-1]).to(weight.dtype), up.reshape(-1, shape[-1]).to(weight.dtype)
             y, keep, h = _lora_forward(F.silu(g2).mul_(u2), weight, bias, lora_a, lora_b, scaling, p, fast)
-        ctx.save_for_backward(g2, u2, keep, h, weight, lora_a, lora_b)
+        ctx.save_for_backward(g2, u2, pack_bits(keep), h, weight, lora_a, lora_b)
         ctx.scale, ctx.shape, ctx.has_bias = scaling / (1 - p), shape, bias is not None
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
         g2, u2, keep, h, weight, lora_a, lora_b = ctx.saved_tensors
+        keep = unpack_bits(keep, g2.shape)
         silu = F.silu(g2)
         grad_x, grad_a, grad_b, grad_bias = _lora_backward(
             grad.reshape(-1, grad.shape[-1]).to(weight.dtype), silu * u2, keep, h, weight, lora_a, lora_b,
