@@ -14,7 +14,7 @@ from medlora import allocator
 from medlora import config as medconfig
 from medlora import data
 from medlora.adapters import add_adapter
-from medlora.model import load_model, quantization_config, resolve_checkpoint
+from medlora.model import load_model, quantization_config, resolve_checkpoint, save_atomically
 
 GROUPS = {name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
           for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")}
@@ -81,6 +81,20 @@ def test_embedded_smollm2_instantiates_from_its_cache():
     model = load_model(path, cfg.model, "bf16", "cpu")
     assert model.config.num_hidden_layers == 30 and model.dtype == torch.bfloat16
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_a_cache_entry_made_twice_keeps_the_first_and_leaves_nothing_behind(tmp_path):
+    """Parallel jobs dequantizing the embedded model at once: the slower one uses the faster one's copy."""
+    def write(text: str):
+        return lambda folder: (folder / "config.json").write_text(text)
+
+    entry = tmp_path / "models" / "m"
+    assert save_atomically(entry, write("first"), cache_entry="config.json") == entry
+    assert save_atomically(entry, write("second"), cache_entry="config.json") == entry
+    assert (entry / "config.json").read_text() == "first"
+    with pytest.raises(OSError):  # not a cache entry: an existing folder is never replaced
+        save_atomically(entry, write("third"))
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
 
 
 def test_phi4_mini_is_4bit_qlora_and_reports_when_the_hub_is_out_of_reach():

@@ -119,7 +119,8 @@ def _from_run(cfg: DictConfig, run_id: str) -> Source:
     target = Path(cfg.paths.cache_dir) / "runs" / run_id
     if not (target / "adapter" / "adapter_config.json").is_file():
         wanted = ["adapter", *(["config_resolved.yaml"] if "config_resolved.yaml" in names else [])]
-        save_atomically(target, lambda folder: _download(tracking.uri, run_id, wanted, folder))
+        save_atomically(target, lambda folder: _download(tracking.uri, run_id, wanted, folder),
+                        cache_entry="adapter/adapter_config.json")
     trained = target / "config_resolved.yaml"
     return Source(target / "adapter", run_id, OmegaConf.load(trained) if trained.is_file() else None)
 

@@ -52,16 +52,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_atomically(target: Path, save) -> Path:
-    """Write into a temporary sibling folder and rename it, so a crash never leaves half a checkpoint."""
+def save_atomically(target: Path, save, cache_entry: str | None = None) -> Path:
+    """Write into a temporary sibling folder and rename it, so a crash never leaves half a checkpoint.
+
+    `cache_entry`: the file that marks `target` complete when it is a cache entry. Parallel jobs
+    (a sweep's, the test workers) may fill the same entry at once; the first one's is kept.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
     try:
         save(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        # renaming onto a folder that is not empty fails: another job got there first
+        if isinstance(err, OSError) and cache_entry and (target / cache_entry).is_file():
+            return target
         raise
     return target
 
@@ -84,7 +91,7 @@ def dequantized_gguf(spec: str, cache_dir: str) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return save_atomically(target, save)
+    return save_atomically(target, save, cache_entry="config.json")
 
 
 def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str, seed: int) -> Path:
@@ -104,7 +111,7 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return save_atomically(target, save)
+    return save_atomically(target, save, cache_entry="config.json")
 
 
 def resolve_checkpoint(model_cfg: DictConfig, cache_dir: str, seed: int) -> tuple[str, str]:
