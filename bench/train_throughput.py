@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,8 +105,16 @@ def main() -> None:
             import trl  # noqa: F401
         except ImportError:
             sys.exit("TRL is not installed: pip install -e '.[bench]' (or leave out the trl-* settings).")
+    model_file = ROOT / "conf" / "model" / f"{args.model}.yaml"
+    if not model_file.is_file():
+        names = sorted(p.stem for p in model_file.parent.glob("*.yaml"))
+        sys.exit(f"error: --model {args.model} is not a config in conf/model/: use one of {', '.join(names)}.")
     work = Path(tempfile.mkdtemp(prefix="medlora-bench-"))
-    data = _prepare_data(args, work)
+    try:
+        data = _prepare_data(args, work, model_file)
+    except BaseException:  # a bad data file: its message, and no work folder left behind
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     earlier = json.loads((out / "train_throughput.json").read_text()) if args.merge else None
     # one table from several invocations: same machine, so the earlier peaks stand
     peaks = earlier["matmul_peak_gflops"] if earlier else {}
@@ -157,11 +166,10 @@ def _parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _prepare_data(args, work: Path) -> dict:
+def _prepare_data(args, work: Path, model_file: Path) -> dict:
     """The conversations, cleaned by medlora's safety step once, so every setting trains on the same text."""
     from omegaconf import OmegaConf
 
-    from medlora.config import MedloraError
     from medlora.data import load_conversations, tokenize_dataset, with_system_prompt
     from medlora.model import load_tokenizer, resolve_checkpoint
     from medlora.safety.clean import clean_conversations
@@ -173,10 +181,6 @@ def _prepare_data(args, work: Path) -> dict:
         rows = [{"messages": with_system_prompt(c, safety.system_prompt)} for c in conversations]
         files[name] = work / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_file = ROOT / "conf" / "model" / f"{args.model}.yaml"
-    if not model_file.is_file():
-        names = sorted(p.stem for p in model_file.parent.glob("*.yaml"))
-        raise MedloraError(f"--model {args.model} is not a config in conf/model/: use one of {', '.join(names)}.")
     model_cfg = OmegaConf.load(model_file)
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,10 +34,17 @@ def test_benchmark_writes_its_table_and_json(tmp_path):
 
 
 def test_benchmark_bad_input_is_one_message_and_nothing_written(tmp_path):
+    bad_line = tmp_path / "bad.jsonl"
+    bad_line.write_text('{"messages": [\n')
+    scratch = tmp_path / "tmp"  # where the benchmark's work folder would go
+    scratch.mkdir()
     for args, message in ((["--data", str(tmp_path / "missing.jsonl")], "--data"),
                           (["--settings", "nope"], "unknown setting"),
-                          (["--merge"], "--merge needs an earlier")):
+                          (["--merge"], "--merge needs an earlier"),
+                          (["--model", "nosuch"], "--model nosuch is not a config in conf/model/"),
+                          (["--data", str(bad_line)], "bad.jsonl:1: not valid JSON")):
         done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), *args,
-                               "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "out").exists()
+                               "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "TMPDIR": str(scratch)})
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not list(scratch.iterdir())
