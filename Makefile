@@ -30,12 +30,13 @@ infer: $(STAMP)
 evaluate: $(STAMP)
 	$(PY) evaluate.py $(ARGS)
 
+# one pytest worker per core; a test file's tests stay together, so its shared fixtures are made once
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadscope $(ARGS)
 
 # skips the tests marked slow (the real embedded model, multi-job sweeps)
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow" $(ARGS)
 
 # the MLflow UI over the same store that train.py writes to
 ui: $(STAMP)

@@ -13,6 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MEDLORA_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no Hub access: fail fast instead of retrying
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    # the workers share the cores: more torch threads than cores only make them wait on each other
+    threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 
 # what training.allocator=auto runs on after `make install`: cmeel-mimalloc is a dependency on Linux
@@ -61,6 +65,15 @@ def optuna_sweep(tmp_path_factory) -> Path:
     result = optuna_search(tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
+
+
+def compose(name: str, overrides: list[str]):
+    """The config `python <name>.py <overrides>` runs with, composed in-process."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=overrides)
 
 
 def mlflow_client(tmp: Path):

@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, conversation, mlflow_client, train, write_jsonl
+from conftest import ROOT, TINY, compose, conversation, mlflow_client, train, write_jsonl
 from omegaconf import OmegaConf
 
-from test_infer import compose, forget_download
+from test_infer import forget_download
 
 from medlora.config import MedloraError
 from medlora.infer import Reply

@@ -7,7 +7,8 @@ import json
 
 import pytest
 import torch
-from test_infer import compose, forget_download, infer, tiny_adapter
+from conftest import compose
+from test_infer import forget_download, infer, tiny_adapter
 
 from medlora.config import MedloraError
 from medlora.cli import RunInfo

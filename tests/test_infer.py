@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, compose, write_jsonl
 from omegaconf import OmegaConf
 
 from medlora.config import MedloraError
@@ -22,14 +22,6 @@ from medlora.cli import RunInfo
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token
 EMERGENCY = "my dad is having crushing chest pain right now and he is sweating"
-
-
-def compose(name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name=name, overrides=overrides)
 
 
 def tiny_adapter(tmp: Path) -> dict:

@@ -9,11 +9,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import AUTO_ALLOCATOR, ROOT, TINY, mlflow_client, train
+from conftest import AUTO_ALLOCATOR, ROOT, TINY, compose, mlflow_client, train
 from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
-from medlora.model import DTYPES, load_model, resolve_checkpoint
+from medlora.model import DTYPES, load_model, load_tokenizer, resolve_checkpoint
 
 
 def _tiny(packed: bool, attn: str = "sdpa"):
@@ -256,15 +256,31 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
 
 
 def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
-    cache = [f"paths.cache_dir={tmp_path}/cache", *TINY, "debug=fast", "tracking=none"]
-    first = train(tmp_path / "a", *cache)
+    cache = tmp_path / "cache"
+    # the data cache starts empty; the models are shared (dequantizing the tokenizer's GGUF again takes a minute)
+    (ROOT / ".cache" / "models").mkdir(parents=True, exist_ok=True)
+    (cache).mkdir()
+    (cache / "models").symlink_to(ROOT / ".cache" / "models")
+    overrides = [f"paths.cache_dir={cache}", *TINY, "debug=fast", "tracking=none"]
+    first = train(tmp_path / "a", *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "reused from" not in first.stdout + first.stderr and len(list((tmp_path / "cache" / "data").glob("*.pkl"))) == 1
-    second = train(tmp_path / "b", *cache, "lora.rank=4")  # LoRA settings do not shape the data
+    assert "reused from" not in first.stdout + first.stderr and len(list((cache / "data").glob("*.pkl"))) == 1
+    second = train(tmp_path / "b", *overrides, "lora.rank=4")  # LoRA settings do not shape the data
     assert second.returncode == 0 and "cleaned and tokenized data reused from" in second.stdout + second.stderr
-    third = train(tmp_path / "c", *cache, "training.max_seq_len=128")
-    assert third.returncode == 0 and "reused from" not in third.stdout + third.stderr
-    assert len(list((tmp_path / "cache" / "data").glob("*.pkl"))) == 2
+
+    # what does shape it changes the key, so the next run prepares the data again
+    from medlora.train import _data_key
+
+    def key(*changes: str) -> str:
+        cfg = compose("train", [*overrides, *changes])
+        return _data_key(cfg, tokenizer)
+
+    tokenizer = load_tokenizer(resolve_checkpoint(compose("train", TINY).model, str(cache), 42)[1])
+    same = key()
+    assert key("lora.rank=4", "training.learning_rate=1e-3", "seed=7") == same
+    changed = [key("training.max_seq_len=128"), key("training.overlong=drop"), key("safety.phi_redaction.enabled=false"),
+               key("data.max_train_samples=3"), key("safety.system_prompt=Be brief.")]
+    assert same not in changed and len(set(changed)) == len(changed)
 
 
 def test_loss_of_a_packed_batch_is_the_sum_over_its_conversations():
