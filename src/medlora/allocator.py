@@ -3,8 +3,8 @@
 Every activation of a micro-batch is allocated in the forward pass and freed in the backward, in
 a different order and among temporaries of many sizes. glibc's malloc leaves that memory
 fragmented and hands pages back to the kernel only to fault them in again: on 2 CPU cores
-SmolLM2 peaked at 2.67 GB under glibc against 2.15 GB under mimalloc, which trained 4-15% faster
-(bench/train_throughput.py, medlora-glibc vs medlora, three runs). An allocator replaces malloc only from a
+SmolLM2 peaked at 2.55 GB under glibc against 2.06 GB under mimalloc, which trained 4-21% faster
+(bench/train_throughput.py, medlora-glibc vs medlora, four runs). An allocator replaces malloc only from a
 process's start, so `python train.py` reads the key first and, where the allocator is not
 loaded yet, starts itself again with it in LD_PRELOAD, as torch's own CPU launcher
 (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`) does.
