@@ -14,6 +14,7 @@ from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
 from medlora.model import DTYPES, load_model, load_tokenizer, resolve_checkpoint
+from medlora.train import _data_key
 
 
 def _tiny(packed: bool, attn: str = "sdpa"):
@@ -259,7 +260,7 @@ def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
     cache = tmp_path / "cache"
     # the data cache starts empty; the models are shared (dequantizing the tokenizer's GGUF again takes a minute)
     (ROOT / ".cache" / "models").mkdir(parents=True, exist_ok=True)
-    (cache).mkdir()
+    cache.mkdir()
     (cache / "models").symlink_to(ROOT / ".cache" / "models")
     overrides = [f"paths.cache_dir={cache}", *TINY, "debug=fast", "tracking=none"]
     first = train(tmp_path / "a", *overrides)
@@ -269,8 +270,6 @@ def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
     assert second.returncode == 0 and "cleaned and tokenized data reused from" in second.stdout + second.stderr
 
     # what does shape it changes the key, so the next run prepares the data again
-    from medlora.train import _data_key
-
     def key(*changes: str) -> str:
         cfg = compose("train", [*overrides, *changes])
         return _data_key(cfg, tokenizer)
