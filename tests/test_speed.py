@@ -89,6 +89,14 @@ def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
         torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-6, rtol=1e-4)
 
 
+def test_log_softmax_in_place_equals_torch_s():
+    """The chunked loss runs torch's CPU log-softmax kernel with its output over its input."""
+    logits = torch.randn(37, 49152) * 4
+    expected = torch.log_softmax(logits, dim=-1)
+    torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+    assert torch.equal(logits, expected)
+
+
 def _tiny_with_biases():
     """tiny_random with a bias on every projection, as Qwen2's attention has, in the packed setup."""
     from transformers import AutoConfig, AutoModelForCausalLM
