@@ -46,7 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             log_probs = buffer[: len(t)]
             if straight:
                 torch.mm(h, weight.T, out=log_probs)
-            else:  # autocast or 16-bit weights: the product in their dtype, as autograd would run it
+            else:  # autocast or 16-bit weights: the product in that dtype, then widened to fp32, as before
                 log_probs.copy_(h @ weight.T)
             if device == "cpu":
                 # in place: torch's CPU kernel reads a row before writing it (tests/test_speed.py checks)
