@@ -13,7 +13,7 @@ from conftest import AUTO_ALLOCATOR, ROOT, TINY, compose, mlflow_client, train
 from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
-from medlora.model import DTYPES, load_model, load_tokenizer, resolve_checkpoint
+from medlora.model import DTYPES, _PackedCausalAttention, load_model, load_tokenizer, resolve_checkpoint
 from medlora.train import _data_key
 
 
@@ -54,6 +54,31 @@ def test_packed_logits_match_each_conversation_alone(attn, varlen):
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
             torch.testing.assert_close(packed[start: start + len(e.input_ids)], alone, atol=2e-5, rtol=1e-4)
             start += len(e.input_ids)
+
+
+def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
+    """Bit for bit what sdpa gives each conversation alone, outputs and gradients, with grouped
+    query heads and a one-token conversation; the output it saves is the tensor it returns."""
+    torch.manual_seed(0)
+    bounds = [0, 1, 40, 41, 120, 200]
+    # the layouts a decoder layer passes: heads split out of a (1, length, heads * dim) projection
+    q = torch.randn(1, 200, 6, 16).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(1, 200, 2, 16).transpose(1, 2).requires_grad_() for _ in range(2))
+    grad = torch.randn(1, 200, 6, 16)
+    alone = [torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                              scale=0.3, enable_gqa=True).transpose(1, 2)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    expected = torch.cat(alone, dim=1)
+    expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _PackedCausalAttention.apply(q, k, v, bounds, 0.3)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert torch.equal(out, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
+    assert [t.untyped_storage().data_ptr() for t in saved][3] == out.untyped_storage().data_ptr()
+    assert sum(t.untyped_storage().nbytes() for t in saved) == sum(t.untyped_storage().nbytes() for t in (q, k, v, out)) + 6 * 200 * 4
 
 
 def test_packed_labels_never_cross_a_conversation_boundary():

@@ -153,6 +153,11 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
     return None
 
 
+# what sdpa_attention_forward does besides plain causal attention; a call with any of these set
+# goes to it (Gemma-2's softcap, for one, is refused there with a clear message)
+_ATTENTION_MODIFIERS = ("dropout", "softcap", "position_bias", "cache", "s_aux")
+
+
 def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
     """sdpa run once per packed conversation instead of once over the whole packed row.
 
@@ -168,15 +173,60 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, *
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     bounds = cu_seq_lens_q.tolist()  # note: a device-to-host sync once per layer on a GPU
     dtype = query.dtype
-    # torch's CPU flash-attention kernel ran about 20% faster in fp32 than in bf16 on
-    # conversation-length inputs (bench/train_throughput.py); it is more precise too
-    if query.device.type == "cpu" and dtype == torch.bfloat16:
+    if query.device.type == "cpu":
+        # torch's CPU flash-attention kernel ran about 20% faster in fp32 than in bf16 on
+        # conversation-length inputs (bench/train_throughput.py); it is more precise too
         query, key, value = query.float(), key.float(), value.float()
+        if not any(kwargs.get(k) for k in _ATTENTION_MODIFIERS):
+            with torch.autocast("cpu", enabled=False):
+                out = _PackedCausalAttention.apply(query, key, value, bounds, kwargs.get("scaling"))
+            return out.to(dtype), None
     with torch.autocast(query.device.type, enabled=False):
         outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
                                           is_causal=True, **kwargs)[0]
                    for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outputs, dim=1).to(dtype), None
+
+
+class _PackedCausalAttention(torch.autograd.Function):
+    """Causal attention of each packed conversation through torch's CPU flash kernel, into one output.
+
+    Calling sdpa per conversation and concatenating keeps every attention output twice until the
+    backward pass: the pieces (saved by sdpa) and their concatenation (saved by o_proj), 34 MB on
+    SmolLM2 at 512 tokens; the slicing also gave every conversation's gradient a zero-filled
+    tensor of the whole row. Here the kernel's output is copied into one tensor, which is both
+    what is saved and what o_proj reads, and the gradients are written into one tensor each.
+    The kernels are sdpa's own, so the results are bit for bit the same (tests/test_speed.py).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, bounds: list[int], scale: float | None):
+        batch, heads, length, dim = query.shape
+        # (batch, length, heads, dim) is the layout the kernel writes and the one o_proj reads
+        out = query.new_empty(batch, length, heads, dim)
+        lse = query.new_empty(batch, heads, length)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            piece, piece_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, scale=scale)
+            out[:, a:b] = piece.transpose(1, 2)
+            lse[:, :, a:b] = piece_lse
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.bounds, ctx.scale = bounds, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        grads = [torch.empty_like(t.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
+                 for t in (query, key, value)]
+        grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
+        for a, b in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+            pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out[:, :, a:b], query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], out[:, :, a:b],
+                lse[:, :, a:b].contiguous(), 0.0, True, scale=ctx.scale)
+            for grad, piece in zip(grads, pieces):
+                grad[:, :, a:b] = piece
+        return *grads, None, None
 
 
 def _register_sdpa_varlen() -> None:
