@@ -192,7 +192,7 @@ class _PackedCausalAttention(torch.autograd.Function):
     """Causal attention of each packed conversation through torch's CPU flash kernel, into one output.
 
     Calling sdpa per conversation and concatenating keeps every attention output twice until the
-    backward pass: the pieces (saved by sdpa) and their concatenation (saved by o_proj), 34 MB on
+    backward pass: the pieces (saved by sdpa) and their concatenation (saved by o_proj), 34 MiB on
     SmolLM2 at 512 tokens; the slicing also gave every conversation's gradient a zero-filled
     tensor of the whole row. Here the kernel's output is copied into one tensor, which is both
     what is saved and what o_proj reads, and the gradients are written into one tensor each.
