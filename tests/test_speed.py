@@ -13,7 +13,7 @@ from conftest import AUTO_ALLOCATOR, ROOT, TINY, compose, mlflow_client, train
 from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
-from medlora.model import DTYPES, _PackedCausalAttention, load_model, load_tokenizer, resolve_checkpoint
+from medlora.model import DTYPES, _PackedCausalAttention, _plain_causal, load_model, load_tokenizer, resolve_checkpoint
 from medlora.train import _data_key
 
 
@@ -79,6 +79,14 @@ def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
     assert [t.untyped_storage().data_ptr() for t in saved][3] == out.untyped_storage().data_ptr()
     assert sum(t.untyped_storage().nbytes() for t in saved) == sum(t.untyped_storage().nbytes() for t in (q, k, v, out)) + 6 * 200 * 4
+
+
+def test_only_plain_causal_attention_takes_the_packed_cpu_function():
+    assert _plain_causal({"dropout": 0.0, "scaling": 0.125, "position_ids": torch.arange(4)})
+    assert not _plain_causal({"dropout": 0.1})
+    assert not _plain_causal({"softcap": 50.0})
+    assert not _plain_causal({"position_bias": torch.zeros(1, 2, 4, 4)})  # a tensor: no truth test on it
+    assert not _plain_causal({"s_aux": torch.zeros(2)})
 
 
 def test_packed_labels_never_cross_a_conversation_boundary():

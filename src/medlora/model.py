@@ -155,7 +155,12 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
 
 # what sdpa_attention_forward does besides plain causal attention; a call with any of these set
 # goes to it (Gemma-2's softcap, for one, is refused there with a clear message)
-_ATTENTION_MODIFIERS = ("dropout", "softcap", "position_bias", "cache", "s_aux")
+_ATTENTION_MODIFIERS = ("softcap", "position_bias", "cache", "s_aux")
+
+
+def _plain_causal(kwargs: dict) -> bool:
+    """No dropout and none of _ATTENTION_MODIFIERS (tensors among them: no truth test on them)."""
+    return not kwargs.get("dropout") and all(kwargs.get(k) is None for k in _ATTENTION_MODIFIERS)
 
 
 def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
@@ -177,7 +182,7 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, *
         # torch's CPU flash-attention kernel ran about 20% faster in fp32 than in bf16 on
         # conversation-length inputs (bench/train_throughput.py); it is more precise too
         query, key, value = query.float(), key.float(), value.float()
-        if not any(kwargs.get(k) for k in _ATTENTION_MODIFIERS):
+        if _plain_causal(kwargs):
             with torch.autocast("cpu", enabled=False):
                 out = _PackedCausalAttention.apply(query, key, value, bounds, kwargs.get("scaling"))
             return out.to(dtype), None
