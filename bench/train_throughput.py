@@ -39,8 +39,11 @@ SETTINGS = {
     # block-diagonal mask, the model's own loss, peft's LoRA layers with torch's dropout, glibc's
     # malloc. Only speed and memory may differ from medlora
     "medlora-plain": ("medlora", ["training.chunked_loss=false", "training.fast_dropout=false", "precision=fp32",
+                                  "training.shared_prefix=false",
                                   "model.attn_implementation=eager", "training.fused_lora=false",
                                   "training.allocator=system"]),
+    # the fast path with every conversation computing its own copy of the system prompt
+    "medlora-unshared": ("medlora", ["training.shared_prefix=false"]),
     # the fast path in fp32: tells the effect of bf16 apart from that of the other options
     "medlora-fp32": ("medlora", ["precision=fp32"]),
     # one conversation per micro-batch: more optimizer steps per epoch than packed rows
@@ -79,7 +82,9 @@ DEFINITIONS = """\
   conversation of L tokens (QK and AV, forward and backward): {attn:,.0f} FLOPs per token on
   this data. The same count for every setting, whatever work it skips or wastes; medlora runs the
   LM head only at supervised positions, so its MFU counts some work it does not do
-  ({head_share:.1%} of the 4 x N term).
+  ({head_share:.1%} of the 4 x N term). Tokens of a prefix shared by the conversations of a packed
+  row (training.shared_prefix: the system prompt, computed once per row) are counted in real
+  tok/s once per conversation, but only once in MFU, as computed.
 - **eval loss**: mean cross-entropy per supervised token on {eval_n} held-out conversations, after
   the epoch, computed by the same code for every setting (medlora.train.evaluate); before
   training it is {before:.4f}.
@@ -268,7 +273,8 @@ def _medlora_result(folder: Path) -> dict:
             "eval_loss_before": m["eval_loss_before"], "eval_loss": m["eval_loss"], "train_losses": losses,
             "steps": len(losses), "precision": run.data.params["resolved_precision"],
             "trainable_params": int(run.data.params["trainable_params"]),
-            "total_params": int(run.data.params["total_params"]), "peak_gpu_gb": m.get("peak_gpu_memory_gb")}
+            "total_params": int(run.data.params["total_params"]), "peak_gpu_gb": m.get("peak_gpu_memory_gb"),
+            "shared_prefix_fraction": m.get("train_shared_prefix_fraction", 0.0)}
 
 
 def _worker(args) -> None:
@@ -360,7 +366,8 @@ def _report(results: list[dict], data: dict, peaks: dict, args) -> str:
     rows = ["| setting | precision | real tok/s | supervised tok/s | peak RSS | MFU | steps | eval loss |",
             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        mfu = (4 * n + attention) * r["real_tokens_per_second"] / (peaks[r["precision"]] * 1e9)
+        computed = r["real_tokens_per_second"] * (1 - r.get("shared_prefix_fraction", 0.0))
+        mfu = (4 * n + attention) * computed / (peaks[r["precision"]] * 1e9)
         r["mfu"] = mfu
         gpu = f" ({r['peak_gpu_gb']:.1f} GB GPU)" if r.get("peak_gpu_gb") else ""
         rows.append(f"| {r['setting']} | {r['precision']} | {r['real_tokens_per_second']:.0f} | "
@@ -399,6 +406,12 @@ def _ratios(results: list[dict]) -> str:
         lines.append(f"- medlora vs TRL on medlora's allocator ({fastest['setting']}): {_speed_ratio(m, fastest):.2f}x the "
                      f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of its "
                      f"{leanest['peak_rss_gb']:.2f} GB")
+    if by.get("medlora", {}).get("shared_prefix_fraction"):
+        unshared = (f"; {_speed_ratio(by['medlora'], by['medlora-unshared']):.2f}x the supervised tokens/s of "
+                    f"medlora-unshared, eval loss {by['medlora-unshared']['eval_loss']:.4f}"
+                    if "medlora-unshared" in by else "")
+        lines.append(f"- medlora computed the prefix its conversations share (the system prompt) once per packed row: "
+                     f"{by['medlora']['shared_prefix_fraction']:.1%} of the real tokens{unshared}")
     if {"medlora", "medlora-plain"} <= by.keys():
         noise = (f"; seed 42 vs 43 of the fast path: {abs(by['medlora']['eval_loss'] - by['medlora-seed43']['eval_loss']):.4f}"
                  if "medlora-seed43" in by else "")

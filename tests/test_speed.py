@@ -73,7 +73,7 @@ def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = _PackedCausalAttention.apply(q, k, v, bounds, 0.3)
+        out = _PackedCausalAttention.apply(q, k, v, bounds, 0, 0.3)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     assert torch.equal(out, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
@@ -96,6 +96,105 @@ def test_packed_labels_never_cross_a_conversation_boundary():
     assert all(batch["labels"][0, s] == medata.IGNORE for s in starts)
     assert batch["position_ids"][0, starts].tolist() == [0, 0, 0]
     assert batch["input_ids"].numel() == sum(len(e.input_ids) for e in examples) == medata.real_tokens(batch)
+
+
+def _with_prefix(examples: list[medata.Example], prefix: list[int]) -> list[medata.Example]:
+    """The examples behind one unlabelled prefix, as the safety system prompt stands before each conversation."""
+    return [medata.Example(prefix + e.input_ids, [medata.IGNORE] * len(prefix) + e.labels) for e in examples]
+
+
+def test_a_shared_prefix_is_laid_once_per_row():
+    a = medata.Example([1, 2, 3, 4, 5, 6], [-100, -100, -100, -100, 5, 6])
+    b = medata.Example([1, 2, 3, 7, 8], [-100, -100, -100, -100, 8])
+    c = medata.Example([1, 2, 9, 9], [-100, -100, -100, 9])
+    batch = medata.collate_packed([a, b], share_prefix=True)
+    assert batch["shared_prefix"] == 3
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, -100, 5, 6, -100, 8]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 6, 8]
+    assert (medata.real_tokens(batch), medata.shared_tokens(batch), medata.supervised_tokens(batch)) == (11, 3, 3)
+    # the prefix ends before the first label of every conversation, and one token before it, so
+    # each later conversation keeps an unlabelled first token: c has a label at position 3
+    assert medata.shared_prefix([a, b, c]) == 2
+    assert medata.shared_prefix([a, medata.Example([1, 2, 3, 4, 5], [-100, 2, -100, -100, 5])]) == 0
+    assert medata.shared_prefix([a, medata.Example([5, 2, 3, 4], [-100, -100, -100, 4])]) == 0
+    # off, a single conversation, or nothing in common: the plain packed row, no shared_prefix key
+    for examples, share in (([a, b], False), ([a], True), ([a, medata.Example([5, 5], [-100, 5])], True)):
+        assert medata.collate_packed(examples, share_prefix=share).keys() == medata.collate_packed([a, b]).keys()
+        assert "shared_prefix" not in medata.collate_packed(examples, share_prefix=share)
+    assert medata.shared_tokens(medata.collate([a, b], pad_id=0)) == 0
+
+
+@pytest.mark.parametrize("path", ["cpu-function", "sdpa"])
+def test_a_shared_prefix_gives_each_conversation_its_logits_alone(path, monkeypatch):
+    """Logits of a row with the prefix laid once, per conversation, against that conversation alone:
+    through the CPU flash function, and through sdpa per conversation (GPUs, attention dropout)."""
+    if path == "sdpa":
+        monkeypatch.setattr("medlora.model._plain_causal", lambda kwargs: False)
+    model = _tiny(packed=True)
+    examples = _with_prefix(_examples(4, seed=5), [7, 3, 9, 11, 500, 12, 13, 14, 15])
+    batch = medata.collate_packed(examples, share_prefix=True)
+    assert batch["shared_prefix"] == 9
+    with torch.no_grad():
+        row = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+        bounds = batch["cu_seq_lens_q"].tolist()
+        for i, e in enumerate(examples):
+            alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
+            mine = row[bounds[i]: bounds[i + 1]]
+            if i:
+                mine = torch.cat([row[:9], mine])  # the prefix's logits are the first conversation's
+            torch.testing.assert_close(mine, alone, atol=2e-5, rtol=1e-4)
+
+
+def test_a_shared_prefix_keeps_the_loss_and_gradients():
+    """The fused LoRA path on a row with the prefix laid once, against the same conversations packed
+    whole: the same loss and the same gradients (summed over the conversations that read the prefix)."""
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear", "use_dora": False,
+                             "use_rslora": False, "bias": "none"})
+    model, _, _ = add_adapter(_tiny(packed=True), lora, False, fast_dropout=True, fused=True)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    model.train()
+    examples = _with_prefix(_examples(5, seed=1), list(range(200, 230)))
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        batch = medata.collate_packed(examples, share_prefix=share)
+        total, count = loss_sum(model, batch, True)
+        total.backward()
+        results.append((total.item(), count, batch["input_ids"].numel(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (whole, n_whole, width_whole, g_whole), (shared, n_shared, width_shared, g_shared) = results
+    assert n_whole == n_shared and width_whole - width_shared == 4 * 30
+    assert shared == pytest.approx(whole, rel=1e-6)
+    for name in g_whole:
+        torch.testing.assert_close(g_shared[name], g_whole[name], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_a_shared_prefix_row_exactly():
+    """training.gradient_checkpointing reruns each layer's forward, shared prefix and all, in the backward pass."""
+    lora = OmegaConf.create({"rank": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear", "use_dora": False,
+                             "use_rslora": False, "bias": "none"})
+    batch = medata.collate_packed(_with_prefix(_examples(4, seed=2), list(range(300, 320))), share_prefix=True)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = add_adapter(_tiny(packed=True), lora, checkpointing, fast_dropout=True, fused=True)
+        assert model.get_base_model().is_gradient_checkpointing == checkpointing
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.05)
+        model.train()
+        torch.manual_seed(1)  # the same dropout masks, which checkpointing draws again as they were
+        total, _ = loss_sum(model, batch, True)
+        total.backward()
+        results.append((total.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, g_plain), (checkpointed, g_checkpointed) = results
+    assert checkpointed == plain
+    for name in g_plain:
+        torch.testing.assert_close(g_checkpointed[name], g_plain[name], atol=1e-6, rtol=1e-5)
 
 
 def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
@@ -278,8 +377,9 @@ def test_fast_dropout_keeps_the_distribution():
 
 def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
     """The real entry point with every speed option on, then off: same data, seed and maths."""
+    # rows of 512 tokens: two of the sample conversations each (about 220 tokens with the system prompt)
     common = [*TINY, "debug=fast", "lora.dropout=0.0", "precision=fp32", "training.gradient_accumulation_steps=2",
-              "training.batch_size=1"]
+              "training.batch_size=1", "training.max_seq_len=512"]
     runs, allocators = {}, {}
     for name, options in (("fast", ["training.packing=true", "training.chunked_loss=true"]),
                           ("plain", ["training.packing=false", "training.chunked_loss=false", "training.fused_lora=false",
@@ -295,6 +395,8 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
     # eval before training is the same computation, batched differently: equal to float rounding
     assert runs["fast"]["eval_loss_before"] == pytest.approx(runs["plain"]["eval_loss_before"], rel=1e-5)
     assert runs["fast"]["train_tokens_per_second"] > 0
+    # the sample data's conversations all begin with the safety system prompt: packed rows lay it once
+    assert runs["fast"]["train_shared_prefix_fraction"] > 0 == runs["plain"]["train_shared_prefix_fraction"]
 
 
 def test_prepared_data_is_reused_until_an_input_changes(tmp_path):

@@ -91,7 +91,8 @@ def _validate_training(t: DictConfig) -> None:
     require_positive(t.max_grad_norm, "training.max_grad_norm", "Use 0 to turn clipping off.", allow_zero=True)
     require(t.overlong in OVERLONG,
             f"training.overlong={t.overlong!r} is invalid: use truncate or drop.")
-    for key in ("packing", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length", "cache_data"):
+    for key in ("packing", "shared_prefix", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length",
+                "cache_data"):
         require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
     from medlora.allocator import choose
 

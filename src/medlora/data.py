@@ -247,24 +247,47 @@ class LengthGroupedBatches:
         return math.ceil(len(self.lengths) / self.batch_size)
 
 
-def collate_packed(examples: list[Example]) -> dict:
+def collate_packed(examples: list[Example], share_prefix: bool = False) -> dict:
     """Conversations laid end to end in one row, with no padding and no attention mask.
 
     position_ids restart at 0 for each conversation, which is how transformers tells the
     conversations apart (a 2-D attention mask would switch that off and let them attend to each
     other). cu_seq_lens marks the boundaries for attention kernels that run per conversation:
     flash-attention's varlen path, and medlora's `sdpa_varlen` (medlora.model).
+
+    `share_prefix` (sdpa_varlen only): the tokens every conversation of the row begins with, up to
+    the first label (the safety system prompt), are laid once; the later conversations start
+    after them, with their positions, and `shared_prefix` tells sdpa_varlen to let them attend
+    to the prefix. No label is lost: the prefix has none.
     """
     import torch
 
-    lengths = [len(e.input_ids) for e in examples]
-    labels = [label for e in examples for label in [IGNORE, *e.labels[1:]]]  # no target across a boundary
+    prefix = shared_prefix(examples) if share_prefix and len(examples) > 1 else 0
+    pieces = [(e.input_ids[skip:], [IGNORE, *e.labels[1:]][skip:], range(skip, len(e.input_ids)))
+              for e, skip in zip(examples, [0] + [prefix] * (len(examples) - 1))]
+    lengths = [len(ids) for ids, _, _ in pieces]
     bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-    return {"input_ids": torch.tensor([[t for e in examples for t in e.input_ids]]),
-            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
-            "labels": torch.tensor([labels]),
-            "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
-            "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    batch = {"input_ids": torch.tensor([[t for ids, _, _ in pieces for t in ids]]),
+             "position_ids": torch.tensor([[p for _, _, positions in pieces for p in positions]]),
+             # the first label of each conversation is dropped: no target across a boundary
+             "labels": torch.tensor([[label for _, labels, _ in pieces for label in labels]]),
+             "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+             "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    if prefix:
+        batch["shared_prefix"] = prefix
+    return batch
+
+
+def shared_prefix(examples: list[Example]) -> int:
+    """How many leading tokens all `examples` have in common before any of them has a label."""
+    first = examples[0].input_ids
+    # shorter than every conversation's unlabelled start, so every later conversation keeps its
+    # first token (whose label collate_packed drops anyway) and no prediction crosses from the prefix
+    common = min(next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels)) - 1
+                 for e in examples)
+    for e in examples[1:]:
+        common = next((i for i in range(common) if e.input_ids[i] != first[i]), common)
+    return max(common, 0)
 
 
 def supervised_tokens(batch: dict) -> int:
@@ -273,10 +296,17 @@ def supervised_tokens(batch: dict) -> int:
 
 
 def real_tokens(batch: dict) -> int:
-    """Tokens of the conversations in a micro-batch, padding excluded."""
+    """Tokens of the conversations in a micro-batch, padding excluded, a shared prefix counted for each."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel()
+    return batch["input_ids"].numel() + shared_tokens(batch)
+
+
+def shared_tokens(batch: dict) -> int:
+    """Tokens of a packed micro-batch's conversations that its shared prefix spares computing."""
+    if "shared_prefix" not in batch:
+        return 0
+    return batch["shared_prefix"] * (len(batch["cu_seq_lens_q"]) - 2)
 
 
 @dataclass
@@ -325,13 +355,16 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, train: bool,
-                group_by_length: bool = True, packed_tokens: int = 0) -> torch.utils.data.DataLoader:
-    """Padded batches of `batch_size` conversations, or packed micro-batches of `packed_tokens` tokens."""
+                group_by_length: bool = True, packed_tokens: int = 0,
+                share_prefix: bool = False) -> torch.utils.data.DataLoader:
+    """Padded batches of `batch_size` conversations, or packed micro-batches of `packed_tokens` tokens
+    (`share_prefix`: see collate_packed)."""
     import torch.utils.data
 
     lengths = [len(e.input_ids) for e in examples]
     if packed_tokens:
         sampler = PackedBatches(lengths, packed_tokens, seed, shuffle=train)
-        return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate_packed)
+        return torch.utils.data.DataLoader(examples, batch_sampler=sampler,
+                                           collate_fn=functools.partial(collate_packed, share_prefix=share_prefix))
     sampler = LengthGroupedBatches(lengths, batch_size, seed, group_by_length=group_by_length, shuffle=train)
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))

@@ -163,7 +163,7 @@ def _plain_causal(kwargs: dict) -> bool:
     return not kwargs.get("dropout") and all(kwargs.get(k) is None for k in _ATTENTION_MODIFIERS)
 
 
-def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, **kwargs):
+def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, shared_prefix: int = 0, **kwargs):
     """sdpa run once per packed conversation instead of once over the whole packed row.
 
     Without it a packed row gets a block-diagonal mask: correct, but every query still meets
@@ -171,6 +171,10 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, *
     the square of the row instead of the sum of squares of its conversations. This is what
     flash-attention's varlen kernel does on a GPU. Batches without cu_seq_lens (padded batches,
     generation) go to plain sdpa.
+
+    `shared_prefix` (medlora.data.collate_packed): the row's conversations begin with the same
+    `shared_prefix` tokens, laid once at the start of the row; the first conversation holds them
+    and every later one attends to them as if they stood before it.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -184,13 +188,20 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, *
         query, key, value = query.float(), key.float(), value.float()
         if _plain_causal(kwargs):
             with torch.autocast("cpu", enabled=False):
-                out = _PackedCausalAttention.apply(query, key, value, bounds, kwargs.get("scaling"))
+                out = _PackedCausalAttention.apply(query, key, value, bounds, shared_prefix, kwargs.get("scaling"))
             return out.to(dtype), None
     with torch.autocast(query.device.type, enabled=False):
-        outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
-                                          is_causal=True, **kwargs)[0]
-                   for a, b in zip(bounds[:-1], bounds[1:])]
+        outputs = []
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            q, k, v = (_conversation(t, a, b, shared_prefix if i else 0) for t in (query, key, value))
+            out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+            outputs.append(out[:, out.shape[1] - (b - a):])  # the prefix's rows come from the first conversation
     return torch.cat(outputs, dim=1).to(dtype), None
+
+
+def _conversation(t: torch.Tensor, a: int, b: int, prefix: int) -> torch.Tensor:
+    """Positions a:b of a (batch, heads, length, dim) tensor, after the row's first `prefix` positions."""
+    return torch.cat([t[:, :, :prefix], t[:, :, a:b]], dim=2) if prefix else t[:, :, a:b]
 
 
 class _PackedCausalAttention(torch.autograd.Function):
@@ -202,21 +213,27 @@ class _PackedCausalAttention(torch.autograd.Function):
     tensor of the whole row. Here the kernel's output is copied into one tensor, which is both
     what is saved and what o_proj reads, and the gradients are written into one tensor each.
     The kernels are sdpa's own, so the results are bit for bit the same (tests/test_speed.py).
+
+    A shared prefix goes into each later conversation's kernel call in front of it (the kernel's
+    causal mask is aligned to the top left, so queries and keys must start together): its rows'
+    outputs are dropped there, their output gradients are zero in the backward pass, and the
+    prefix's key and value gradients from every conversation are summed.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bounds: list[int], scale: float | None):
+    def forward(ctx, query, key, value, bounds: list[int], prefix: int, scale: float | None):
         batch, heads, length, dim = query.shape
         # (batch, length, heads, dim) is the layout the kernel writes and the one o_proj reads
         out = query.new_empty(batch, length, heads, dim)
         lse = query.new_empty(batch, heads, length)
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            skip = prefix if i else 0
             piece, piece_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], 0.0, True, scale=scale)
-            out[:, a:b] = piece.transpose(1, 2)
-            lse[:, :, a:b] = piece_lse
+                *(_conversation(t, a, b, skip) for t in (query, key, value)), 0.0, True, scale=scale)
+            out[:, a:b] = piece[:, :, skip:].transpose(1, 2)
+            lse[:, :, a:b] = piece_lse[:, :, skip:]
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.bounds, ctx.scale = bounds, scale
+        ctx.bounds, ctx.prefix, ctx.scale = bounds, prefix, scale
         return out
 
     @staticmethod
@@ -225,13 +242,21 @@ class _PackedCausalAttention(torch.autograd.Function):
         grads = [torch.empty_like(t.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
                  for t in (query, key, value)]
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
-        for a, b in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+        prefix = ctx.prefix
+        for i, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
+            skip = prefix if i else 0
+            # the prefix's outputs belong to the first conversation: no gradient reaches them here
+            upstream = _conversation(grad_out, a, b, skip)
+            upstream[:, :, :skip] = 0  # a copy when skip > 0
             pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[:, :, a:b], query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], out[:, :, a:b],
-                lse[:, :, a:b].contiguous(), 0.0, True, scale=ctx.scale)
+                upstream, *(_conversation(t, a, b, skip) for t in (query, key, value)), _conversation(out, a, b, skip),
+                _conversation(lse[..., None], a, b, skip)[..., 0].contiguous(), 0.0, True, scale=ctx.scale)
             for grad, piece in zip(grads, pieces):
-                grad[:, :, a:b] = piece
-        return *grads, None, None
+                grad[:, :, a:b] = piece[:, :, skip:]
+            if skip:  # keys and values of the prefix: added to what the first conversation wrote
+                grads[1][:, :, :skip] += pieces[1][:, :, :skip]
+                grads[2][:, :, :skip] += pieces[2][:, :, :skip]
+        return *grads, None, None, None
 
 
 def _register_sdpa_varlen() -> None:

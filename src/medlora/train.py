@@ -173,6 +173,7 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     # gradient accumulation is written out in train_loop, so each token weighs the same across micro-batches
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
     model = load_model(model_path, cfg.model, precision, str(accelerator.device), packed=t.packing)
+    share_prefix = _shares_prefix(t, model.config._attn_implementation)
     model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing, fast_dropout=t.fast_dropout,
                                           autocast=precision != "fp32", fused=t.fused_lora)
     chunked = t.chunked_loss and medlora_loss.supports_chunked_loss(model)
@@ -181,9 +182,10 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
                         "resolved_device": device, "resolved_allocator": allocator.in_use()})
 
     pad_id, packed_tokens = tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
-    train_loader = medata.make_loader(train_set, t.batch_size, pad_id, cfg.seed, train=True,
-                                      group_by_length=t.group_by_length, packed_tokens=packed_tokens)
-    eval_loader = medata.make_loader(eval_set, t.batch_size, pad_id, cfg.seed, train=False, packed_tokens=packed_tokens)
+    train_loader = medata.make_loader(train_set, t.batch_size, pad_id, cfg.seed, train=True, group_by_length=t.group_by_length,
+                                      packed_tokens=packed_tokens, share_prefix=share_prefix)
+    eval_loader = medata.make_loader(eval_set, t.batch_size, pad_id, cfg.seed, train=False, packed_tokens=packed_tokens,
+                                     share_prefix=share_prefix)
     steps_per_epoch = math.ceil(len(train_loader) / t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
@@ -203,8 +205,9 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
 
     speed = train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
                        info.output_dir, start_step, total_steps, chunked)
-    log.info("throughput: %.1f tokens/s (%.1f supervised) over %d steps", speed["train_tokens_per_second"],
-             speed["train_supervised_tokens_per_second"], total_steps - start_step)
+    log.info("throughput: %.1f tokens/s (%.1f supervised) over %d steps; a shared prefix spared computing %.1f%% "
+             "of the tokens", speed["train_tokens_per_second"], speed["train_supervised_tokens_per_second"],
+             total_steps - start_step, 100 * speed["train_shared_prefix_fraction"])
     if torch.cuda.is_available() and device.startswith("cuda"):
         speed["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
@@ -221,6 +224,17 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     tracker.set_tags({"audit_head": audit.head})
     _log_artifacts(cfg, tracker, info.output_dir, adapter_dir)
     return after["eval_loss"]
+
+
+def _shares_prefix(t: DictConfig, attention: str) -> bool:
+    """training.shared_prefix where it can apply: packed rows and medlora's per-conversation sdpa."""
+    if not (t.shared_prefix and t.packing):
+        return False
+    if attention != "sdpa_varlen":
+        log.info("training.shared_prefix: attention %s runs over whole rows, so every conversation keeps its own "
+                 "copy of the system prompt (model.attn_implementation=sdpa shares it)", attention)
+        return False
+    return True
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -262,7 +276,7 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
 
         seconds = time.perf_counter() - started
         tokens = sum(medata.real_tokens(batch) for batch in window)
-        totals.add(tokens, supervised, seconds)
+        totals.add(tokens, supervised, seconds, spared=sum(medata.shared_tokens(batch) for batch in window))
         metrics = {"train_loss": loss_total / supervised, "learning_rate": scheduler.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds,
                    "supervised_tokens_per_second": supervised / seconds}
@@ -301,19 +315,23 @@ def _to_device(batch: dict, device) -> dict:
 class _Throughput:
     """Tokens per second over the optimizer steps, evals and checkpoints excluded.
 
-    tokens/s counts the tokens of the conversations (padding excluded); supervised tokens/s counts
-    the tokens that have a label, i.e. the assistant replies the loss is computed on.
+    tokens/s counts the tokens of the conversations (padding excluded; a shared prefix counted
+    once per conversation, as if it were not shared); supervised tokens/s counts the tokens that
+    have a label, i.e. the assistant replies the loss is computed on. The shared fraction is the
+    part of those tokens that a shared prefix (training.shared_prefix) spared computing.
     """
 
     def __init__(self) -> None:
-        self.tokens, self.supervised, self.seconds = 0, 0, 0.0
+        self.tokens, self.supervised, self.spared, self.seconds = 0, 0, 0, 0.0
 
-    def add(self, tokens: int, supervised: int, seconds: float) -> None:
+    def add(self, tokens: int, supervised: int, seconds: float, spared: int = 0) -> None:
         self.tokens, self.supervised, self.seconds = self.tokens + tokens, self.supervised + supervised, self.seconds + seconds
+        self.spared += spared
 
     def summary(self) -> dict[str, float]:
         return {"train_tokens_per_second": self.tokens / max(self.seconds, 1e-9),
-                "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9)}
+                "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9),
+                "train_shared_prefix_fraction": self.spared / max(self.tokens, 1)}
 
 
 @torch.no_grad()
