@@ -64,8 +64,8 @@ SETTINGS = {
 }
 # TRL's default and its fastest setting; `--settings all` adds TRL's packing alone and bf16 alone,
 # medlora-glibc and trl-fastest-mimalloc
-DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-fp32", "medlora-unpacked", "medlora-lowmem",
-                    "trl-default", "trl-fastest"]
+DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-unshared", "medlora-fp32", "medlora-unpacked",
+                    "medlora-lowmem", "trl-default", "trl-fastest"]
 DEFINITIONS = """\
 - **real tok/s**: tokens of the conversations (system prompt, question, reply, template tokens;
   never padding) processed by the training loop, divided by the loop's wall time (model loading,
