@@ -200,7 +200,7 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
 
 
 def _conversation(t: torch.Tensor, a: int, b: int, prefix: int) -> torch.Tensor:
-    """Positions a:b of a (batch, heads, length, dim) tensor, after the row's first `prefix` positions."""
+    """Positions a:b of a (batch, heads, length, ...) tensor, after the row's first `prefix` positions."""
     return torch.cat([t[:, :, :prefix], t[:, :, a:b]], dim=2) if prefix else t[:, :, a:b]
 
 
@@ -250,7 +250,7 @@ class _PackedCausalAttention(torch.autograd.Function):
             upstream[:, :, :skip] = 0  # a copy when skip > 0
             pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 upstream, *(_conversation(t, a, b, skip) for t in (query, key, value)), _conversation(out, a, b, skip),
-                _conversation(lse[..., None], a, b, skip)[..., 0].contiguous(), 0.0, True, scale=ctx.scale)
+                _conversation(lse, a, b, skip).contiguous(), 0.0, True, scale=ctx.scale)
             for grad, piece in zip(grads, pieces):
                 grad[:, :, a:b] = piece[:, :, skip:]
             if skip:  # keys and values of the prefix: added to what the first conversation wrote
