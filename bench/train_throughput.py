@@ -44,6 +44,8 @@ SETTINGS = {
                                   "training.allocator=system"]),
     # the fast path with every conversation computing its own copy of the system prompt
     "medlora-unshared": ("medlora", ["training.shared_prefix=false"]),
+    # the system prompt computed once per packed row instead of once per optimizer step
+    "medlora-rowprefix": ("medlora", ["training.shared_prefix_scope=row"]),
     # the fast path in fp32: tells the effect of bf16 apart from that of the other options
     "medlora-fp32": ("medlora", ["precision=fp32"]),
     # one conversation per micro-batch: more optimizer steps per epoch than packed rows
@@ -64,7 +66,7 @@ SETTINGS = {
 }
 # TRL's default and its fastest setting; `--settings all` adds TRL's packing alone and bf16 alone,
 # medlora-glibc and trl-fastest-mimalloc
-DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-unshared", "medlora-fp32", "medlora-unpacked",
+DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-rowprefix", "medlora-unshared", "medlora-fp32", "medlora-unpacked",
                     "medlora-lowmem", "trl-default", "trl-fastest"]
 DEFINITIONS = """\
 - **real tok/s**: tokens of the conversations (system prompt, question, reply, template tokens;
@@ -82,9 +84,9 @@ DEFINITIONS = """\
   conversation of L tokens (QK and AV, forward and backward): {attn:,.0f} FLOPs per token on
   this data. The same count for every setting, whatever work it skips or wastes; medlora runs the
   LM head only at supervised positions, so its MFU counts some work it does not do
-  ({head_share:.1%} of the 4 x N term). Tokens of a prefix shared by the conversations of a packed
-  row (training.shared_prefix: the system prompt, computed once per row) are counted in real
-  tok/s once per conversation, but only once in MFU, as computed.
+  ({head_share:.1%} of the 4 x N term). Tokens of a prefix shared by the conversations of an
+  optimizer step or a packed row (training.shared_prefix: the system prompt, computed once per
+  step or row) are counted in real tok/s once per conversation, but only once in MFU, as computed.
 - **eval loss**: mean cross-entropy per supervised token on {eval_n} held-out conversations, after
   the epoch, computed by the same code for every setting (medlora.train.evaluate); before
   training it is {before:.4f}.
@@ -407,11 +409,12 @@ def _ratios(results: list[dict]) -> str:
                      f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of its "
                      f"{leanest['peak_rss_gb']:.2f} GB")
     if by.get("medlora", {}).get("shared_prefix_fraction"):
-        unshared = (f"; {_speed_ratio(by['medlora'], by['medlora-unshared']):.2f}x the supervised tokens/s of "
-                    f"medlora-unshared, eval loss {by['medlora-unshared']['eval_loss']:.4f}"
-                    if "medlora-unshared" in by else "")
-        lines.append(f"- medlora computed the prefix its conversations share (the system prompt) once per packed row: "
-                     f"{by['medlora']['shared_prefix_fraction']:.1%} of the real tokens{unshared}")
+        others = [f"{_speed_ratio(by['medlora'], by[name]):.2f}x the supervised tokens/s of {name} "
+                  f"({by[name]['shared_prefix_fraction']:.1%} spared, eval loss {by[name]['eval_loss']:.4f})"
+                  for name in ("medlora-rowprefix", "medlora-unshared") if name in by]
+        lines.append(f"- medlora computed the prefix its conversations share (the system prompt) once per optimizer "
+                     f"step: {by['medlora']['shared_prefix_fraction']:.1%} of the real tokens spared"
+                     + "".join(f"; {other}" for other in others))
     if {"medlora", "medlora-plain"} <= by.keys():
         noise = (f"; seed 42 vs 43 of the fast path: {abs(by['medlora']['eval_loss'] - by['medlora-seed43']['eval_loss']):.4f}"
                  if "medlora-seed43" in by else "")

@@ -132,6 +132,7 @@ def test_medquad_experiment_points_at_shared_data():
     ("training.batch_size=0", "training.batch_size=0 is invalid"), ("precision=fp8", "precision='fp8' is invalid"),
     ("training.lr_scheduler=warp", "is not a transformers scheduler"), ("training.overlong=cut", "truncate or drop"),
     ("training.max_steps=0", "both 0"), ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
+    ("training.shared_prefix_scope=batch", "training.shared_prefix_scope='batch' is invalid: use step or row"),
 ])
 def test_bad_values_are_named(override, message):
     cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))

@@ -73,7 +73,7 @@ def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
 
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = _PackedCausalAttention.apply(q, k, v, bounds, 0, 0.3)
+        out = _PackedCausalAttention.apply(q, k, v, None, None, bounds, 0, 0.3)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     assert torch.equal(out, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))

@@ -94,6 +94,8 @@ def _validate_training(t: DictConfig) -> None:
     for key in ("packing", "shared_prefix", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length",
                 "cache_data"):
         require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
+    require(t.shared_prefix_scope in ("row", "step"),
+            f"training.shared_prefix_scope={t.shared_prefix_scope!r} is invalid: use step or row.")
     from medlora.allocator import choose
 
     try:

@@ -303,10 +303,13 @@ def real_tokens(batch: dict) -> int:
 
 
 def shared_tokens(batch: dict) -> int:
-    """Tokens of a packed micro-batch's conversations that its shared prefix spares computing."""
-    if "shared_prefix" not in batch:
+    """Tokens of a packed micro-batch's conversations that it does not compute: a shared prefix's
+    copies after the row's first, and a step prefix (medlora.prefix) in every conversation."""
+    if "cu_seq_lens_q" not in batch:
         return 0
-    return batch["shared_prefix"] * (len(batch["cu_seq_lens_q"]) - 2)
+    conversations = len(batch["cu_seq_lens_q"]) - 1
+    step = batch["step_prefix"].length * conversations if "step_prefix" in batch else 0
+    return batch.get("shared_prefix", 0) * (conversations - 1) + step
 
 
 @dataclass

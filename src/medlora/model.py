@@ -163,7 +163,8 @@ def _plain_causal(kwargs: dict) -> bool:
     return not kwargs.get("dropout") and all(kwargs.get(k) is None for k in _ATTENTION_MODIFIERS)
 
 
-def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, shared_prefix: int = 0, **kwargs):
+def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, shared_prefix: int = 0,
+                step_prefix=None, record_prefix=None, **kwargs):
     """sdpa run once per packed conversation instead of once over the whole packed row.
 
     Without it a packed row gets a block-diagonal mask: correct, but every query still meets
@@ -175,6 +176,10 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
     `shared_prefix` (medlora.data.collate_packed): the row's conversations begin with the same
     `shared_prefix` tokens, laid once at the start of the row; the first conversation holds them
     and every later one attends to them as if they stood before it.
+
+    `step_prefix` (medlora.prefix): the keys and values of a prefix that the optimizer step's
+    rows leave out; every conversation of the row attends to them first. `record_prefix`: this
+    is that prefix's own forward pass, which hands them over.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -186,22 +191,38 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
         # torch's CPU flash-attention kernel ran about 20% faster in fp32 than in bf16 on
         # conversation-length inputs (bench/train_throughput.py); it is more precise too
         query, key, value = query.float(), key.float(), value.float()
-        if _plain_causal(kwargs):
-            with torch.autocast("cpu", enabled=False):
-                out = _PackedCausalAttention.apply(query, key, value, bounds, shared_prefix, kwargs.get("scaling"))
-            return out.to(dtype), None
+    if record_prefix is not None:
+        record_prefix.record(module.layer_idx, key, value)
+    outer = step_prefix.get(module.layer_idx) if step_prefix is not None else (None, None)
+    if query.device.type == "cpu" and _plain_causal(kwargs):
+        with torch.autocast("cpu", enabled=False):
+            out = _PackedCausalAttention.apply(query, key, value, *outer, bounds, shared_prefix, kwargs.get("scaling"))
+        return out.to(dtype), None
+    # the step prefix's own queries are not needed, only rows to put the keys' causal mask in place:
+    # their outputs are dropped, so zeros do
+    outer_query = _outer_query(query, outer[0])
     with torch.autocast(query.device.type, enabled=False):
         outputs = []
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            q, k, v = (_conversation(t, a, b, shared_prefix if i else 0) for t in (query, key, value))
+            q, k, v = (_conversation(t, a, b, shared_prefix if i else 0, o)
+                       for t, o in ((query, outer_query), (key, outer[0]), (value, outer[1])))
             out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
             outputs.append(out[:, out.shape[1] - (b - a):])  # the prefix's rows come from the first conversation
     return torch.cat(outputs, dim=1).to(dtype), None
 
 
-def _conversation(t: torch.Tensor, a: int, b: int, prefix: int) -> torch.Tensor:
-    """Positions a:b of a (batch, heads, length, ...) tensor, after the row's first `prefix` positions."""
-    return torch.cat([t[:, :, :prefix], t[:, :, a:b]], dim=2) if prefix else t[:, :, a:b]
+def _conversation(t: torch.Tensor, a: int, b: int, prefix: int, outer: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions a:b of a (batch, heads, length, ...) tensor, after the row's first `prefix` positions
+    and, before those, `outer` (a step prefix's part)."""
+    parts = [part for part in (outer, t[:, :, :prefix] if prefix else None) if part is not None]
+    return torch.cat([*parts, t[:, :, a:b]], dim=2) if parts else t[:, :, a:b]
+
+
+def _outer_query(query: torch.Tensor, outer_key: torch.Tensor | None) -> torch.Tensor | None:
+    """Zero queries for a step prefix's positions, in front of each conversation's own."""
+    if outer_key is None:
+        return None
+    return query.new_zeros(*query.shape[:2], outer_key.shape[2], query.shape[3])
 
 
 class _PackedCausalAttention(torch.autograd.Function):
@@ -214,49 +235,84 @@ class _PackedCausalAttention(torch.autograd.Function):
     what is saved and what o_proj reads, and the gradients are written into one tensor each.
     The kernels are sdpa's own, so the results are bit for bit the same (tests/test_speed.py).
 
-    A shared prefix goes into each later conversation's kernel call in front of it (the kernel's
-    causal mask is aligned to the top left, so queries and keys must start together): its rows'
-    outputs are dropped there, their output gradients are zero in the backward pass, and the
-    prefix's key and value gradients from every conversation are summed.
+    A conversation that attends to a prefix it does not hold (a row's shared prefix, laid once
+    at the start of the row; a step prefix's keys and values, `outer_key` and `outer_value`) gets
+    a second kernel call, over the prefix's keys with no causal mask, and the two results are
+    merged by their log-sum-exps. Given the merged output and log-sum-exp, the backward kernel
+    gives each call its exact share of the gradients (as split-key attention does); the prefix's
+    key and value gradients from every conversation are summed.
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, bounds: list[int], prefix: int, scale: float | None):
+    def forward(ctx, query, key, value, outer_key, outer_value, bounds: list[int], prefix: int, scale: float | None):
         batch, heads, length, dim = query.shape
         # (batch, length, heads, dim) is the layout the kernel writes and the one o_proj reads
         out = query.new_empty(batch, length, heads, dim)
         lse = query.new_empty(batch, heads, length)
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            skip = prefix if i else 0
-            piece, piece_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                *(_conversation(t, a, b, skip) for t in (query, key, value)), 0.0, True, scale=scale)
-            out[:, a:b] = piece[:, :, skip:].transpose(1, 2)
-            lse[:, :, a:b] = piece_lse[:, :, skip:]
-        ctx.save_for_backward(query, key, value, out, lse)
+            q = query[:, :, a:b]
+            piece, piece_lse = _flash(q, key[:, :, a:b], value[:, :, a:b], True, scale)
+            context = _context(key, value, outer_key, outer_value, prefix if i else 0)
+            if context is not None:
+                piece, piece_lse = _merge(piece, piece_lse, *_flash(q, *context, False, scale))
+            out[:, a:b] = piece.transpose(1, 2)
+            lse[:, :, a:b] = piece_lse
+        ctx.save_for_backward(query, key, value, outer_key, outer_value, out, lse)
         ctx.bounds, ctx.prefix, ctx.scale = bounds, prefix, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value, outer_key, outer_value, out, lse = ctx.saved_tensors
         grads = [torch.empty_like(t.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
                  for t in (query, key, value)]
+        outer_grads = [torch.zeros_like(t) if t is not None and ctx.needs_input_grad[3 + i] else None
+                       for i, t in enumerate((outer_key, outer_value))]
+        outer = 0 if outer_key is None else outer_key.shape[2]
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
-        prefix = ctx.prefix
         for i, (a, b) in enumerate(zip(ctx.bounds[:-1], ctx.bounds[1:])):
-            skip = prefix if i else 0
-            # the prefix's outputs belong to the first conversation: no gradient reaches them here
-            upstream = _conversation(grad_out, a, b, skip)
-            upstream[:, :, :skip] = 0  # a copy when skip > 0
+            skip = ctx.prefix if i else 0
+            upstream, q, o, piece_lse = grad_out[:, :, a:b], query[:, :, a:b], out[:, :, a:b], lse[:, :, a:b].contiguous()
             pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                upstream, *(_conversation(t, a, b, skip) for t in (query, key, value)), _conversation(out, a, b, skip),
-                _conversation(lse, a, b, skip).contiguous(), 0.0, True, scale=ctx.scale)
+                upstream, q, key[:, :, a:b], value[:, :, a:b], o, piece_lse, 0.0, True, scale=ctx.scale)
             for grad, piece in zip(grads, pieces):
-                grad[:, :, a:b] = piece[:, :, skip:]
-            if skip:  # keys and values of the prefix: added to what the first conversation wrote
-                grads[1][:, :, :skip] += pieces[1][:, :, :skip]
-                grads[2][:, :, :skip] += pieces[2][:, :, :skip]
-        return *grads, None, None, None
+                grad[:, :, a:b] = piece
+            context = _context(key, value, outer_key, outer_value, skip)
+            if context is None:
+                continue
+            grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                upstream, q, *context, o, piece_lse, 0.0, False, scale=ctx.scale)
+            grads[0][:, :, a:b] += grad_q
+            for grad, piece in zip(outer_grads, (grad_k, grad_v)):
+                if grad is not None:
+                    grad += piece[:, :, :outer]
+            if skip:  # keys and values of the row's prefix: added to what the first conversation wrote
+                grads[1][:, :, :skip] += grad_k[:, :, outer:]
+                grads[2][:, :, :skip] += grad_v[:, :, outer:]
+        return *grads, *outer_grads, None, None, None
+
+
+def _flash(query, key, value, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, log-sum-exp) of torch's CPU flash-attention kernel."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _context(key, value, outer_key, outer_value, skip: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The keys and values a conversation attends to before its own: a step prefix's, then the row's first `skip`."""
+    pairs = ([(outer_key, outer_value)] if outer_key is not None else []) + \
+        ([(key[:, :, :skip], value[:, :, :skip])] if skip else [])
+    if not pairs:
+        return None
+    if len(pairs) == 1:
+        return pairs[0]
+    return torch.cat([k for k, _ in pairs], dim=2), torch.cat([v for _, v in pairs], dim=2)
+
+
+def _merge(out, lse, other, other_lse) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two sets of keys from attention over each: outputs weighed by their softmax mass."""
+    total = torch.logaddexp(lse, other_lse)
+    return out * (lse - total).exp_().unsqueeze(-1) + other * (other_lse - total).exp_().unsqueeze(-1), total
 
 
 def _register_sdpa_varlen() -> None:

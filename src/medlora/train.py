@@ -30,6 +30,7 @@ from medlora.audit import AuditTrail, sha256_file, sha256_text
 from medlora.cli import RunInfo
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
 from medlora.model import load_model, load_tokenizer, resolve_checkpoint, save_atomically
+from medlora.prefix import run_prefix
 from medlora.safety.clean import CleanReport, clean_conversations
 from medlora.tracking import Tracker, git_commit
 
@@ -173,7 +174,8 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     # gradient accumulation is written out in train_loop, so each token weighs the same across micro-batches
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
     model = load_model(model_path, cfg.model, precision, str(accelerator.device), packed=t.packing)
-    share_prefix = _shares_prefix(t, model.config._attn_implementation)
+    prefix_scope = _prefix_scope(t, model.config._attn_implementation)
+    share_prefix = prefix_scope is not None
     model, trainable, total = add_adapter(model, cfg.lora, t.gradient_checkpointing, fast_dropout=t.fast_dropout,
                                           autocast=precision != "fp32", fused=t.fused_lora)
     chunked = t.chunked_loss and medlora_loss.supports_chunked_loss(model)
@@ -204,7 +206,7 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     audit.record("eval", counts=before, step=start_step)
 
     speed = train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
-                       info.output_dir, start_step, total_steps, chunked)
+                       info.output_dir, start_step, total_steps, chunked, step_prefix=prefix_scope == "step")
     log.info("throughput: %.1f tokens/s (%.1f supervised) over %d steps; a shared prefix spared computing %.1f%% "
              "of the tokens", speed["train_tokens_per_second"], speed["train_supervised_tokens_per_second"],
              total_steps - start_step, 100 * speed["train_shared_prefix_fraction"])
@@ -226,15 +228,16 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
     return after["eval_loss"]
 
 
-def _shares_prefix(t: DictConfig, attention: str) -> bool:
-    """training.shared_prefix where it can apply: packed rows and medlora's per-conversation sdpa."""
+def _prefix_scope(t: DictConfig, attention: str) -> str | None:
+    """training.shared_prefix_scope (row or step) where a shared prefix can apply: packed rows and
+    medlora's per-conversation sdpa; None where it cannot."""
     if not (t.shared_prefix and t.packing):
-        return False
+        return None
     if attention != "sdpa_varlen":
         log.info("training.shared_prefix: attention %s runs over whole rows, so every conversation keeps its own "
                  "copy of the system prompt (model.attn_implementation=sdpa shares it)", attention)
-        return False
-    return True
+        return None
+    return t.shared_prefix_scope
 
 
 def _hashes(folder: Path) -> dict[str, str]:
@@ -242,8 +245,11 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 
 def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, accelerator, tracker, audit,
-               output_dir, start_step: int, total_steps: int, chunked: bool) -> dict[str, float]:
-    """Train to `total_steps`; return the throughput over the whole loop, evals and checkpoints excluded."""
+               output_dir, start_step: int, total_steps: int, chunked: bool, step_prefix: bool = False) -> dict[str, float]:
+    """Train to `total_steps`; return the throughput over the whole loop, evals and checkpoints excluded.
+
+    `step_prefix`: the prefix every conversation of an optimizer step begins with runs once per step (medlora.prefix).
+    """
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]
     accum = t.gradient_accumulation_steps
@@ -260,6 +266,11 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
         window = [_to_device(next(micro_batches), accelerator.device) for _ in range(accum)]
         # every supervised token of the optimizer step weighs the same, whichever micro-batch holds it
         supervised = sum(medata.supervised_tokens(batch) for batch in window)
+        tokens = sum(medata.real_tokens(batch) for batch in window)
+        prefix = None
+        if step_prefix:
+            with accelerator.autocast():
+                prefix, window = run_prefix(model, window)
         loss_total = 0.0
         for batch in window:
             # autocast is explicit: the chunked loss calls the decoder, not the wrapped model forward
@@ -267,6 +278,8 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
                 loss_sum, _ = medlora_loss.loss_sum(model, batch, chunked)
             accelerator.backward(loss_sum / supervised)
             loss_total += loss_sum.item()
+        if prefix is not None:
+            prefix.backward()  # what every row sent to the system prompt, back through it once
         # with max_grad_norm=0 the norm is still measured and logged, just not clipped
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         optimizer.step()
@@ -275,8 +288,8 @@ def train_loop(cfg, model, optimizer, scheduler, train_loader, eval_loader, acce
         step += 1
 
         seconds = time.perf_counter() - started
-        tokens = sum(medata.real_tokens(batch) for batch in window)
-        totals.add(tokens, supervised, seconds, spared=sum(medata.shared_tokens(batch) for batch in window))
+        spared = sum(medata.shared_tokens(batch) for batch in window) - (prefix.length if prefix else 0)
+        totals.add(tokens, supervised, seconds, spared=spared)
         metrics = {"train_loss": loss_total / supervised, "learning_rate": scheduler.get_last_lr()[0],
                    "grad_norm": float(grad_norm), "tokens_per_second": tokens / seconds,
                    "supervised_tokens_per_second": supervised / seconds}
