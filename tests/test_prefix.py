@@ -49,6 +49,16 @@ def _window(examples: list[medata.Example], share: bool) -> list[dict]:
     return [medata.collate_packed(row, share_prefix=share) for row in rows]
 
 
+def _adapted(dropout: float, checkpointing: bool):
+    """tiny_random with fused LoRA layers, every adapter weight nonzero (lora_B starts at zero), in training mode."""
+    model, _, _ = add_adapter(_tiny(packed=True), OmegaConf.create({**LORA, "dropout": dropout}), checkpointing,
+                              fast_dropout=True, fused=True)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.train()
+
+
 def _step(model, window: list[dict], step_prefix: bool) -> tuple[float, dict]:
     model.zero_grad()
     prefix, rows = run_prefix(model, window) if step_prefix else (None, window)
@@ -68,12 +78,7 @@ def test_a_step_prefix_keeps_the_loss_and_gradients(path, monkeypatch):
     same loss, and the same gradients (what every conversation sends through the prefix, summed)."""
     if path == "sdpa":
         monkeypatch.setattr("medlora.model._plain_causal", lambda kwargs: False)
-    model, _, _ = add_adapter(_tiny(packed=True), OmegaConf.create({**LORA, "dropout": 0.0}), False,
-                              fast_dropout=True, fused=True)
-    for p in model.parameters():
-        if p.requires_grad:
-            torch.nn.init.normal_(p, std=0.05)
-    model.train()
+    model = _adapted(dropout=0.0, checkpointing=False)
     examples = _with_prefix(_examples(5, seed=3), list(range(200, 230)))
     examples[4] = medata.Example(examples[3].input_ids[:33] + examples[4].input_ids[30:],
                                  [medata.IGNORE] * 33 + examples[4].labels[30:])
@@ -93,12 +98,7 @@ def test_gradient_checkpointing_recomputes_a_step_prefix_exactly():
     results = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model, _, _ = add_adapter(_tiny(packed=True), OmegaConf.create({**LORA, "dropout": 0.1}), checkpointing,
-                                  fast_dropout=True, fused=True)
-        for p in model.parameters():
-            if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.05)
-        model.train()
+        model = _adapted(dropout=0.1, checkpointing=checkpointing)
         torch.manual_seed(1)  # the same dropout masks, which checkpointing draws again as they were
         results.append(_step(model, _window(examples, share=True), step_prefix=True))
     (plain, g_plain), (checkpointed, g_checkpointed) = results
