@@ -281,13 +281,17 @@ def collate_packed(examples: list[Example], share_prefix: bool = False) -> dict:
 def shared_prefix(examples: list[Example]) -> int:
     """How many leading tokens all `examples` have in common before any of them has a label."""
     first = examples[0].input_ids
-    # shorter than every conversation's unlabelled start, so every later conversation keeps its
-    # first token (whose label collate_packed drops anyway) and no prediction crosses from the prefix
-    common = min(next((i for i, label in enumerate(e.labels) if label != IGNORE), len(e.labels)) - 1
-                 for e in examples)
+    common = min(prefix_room(e.labels) for e in examples)
     for e in examples[1:]:
         common = next((i for i in range(common) if e.input_ids[i] != first[i]), common)
     return max(common, 0)
+
+
+def prefix_room(labels) -> int:
+    """How many leading tokens of a conversation a shared prefix may cover: all before its first
+    label but one, so the conversation keeps its first token after the prefix (whose label
+    collate_packed drops anyway) and no prediction crosses from the prefix."""
+    return next((i for i, label in enumerate(labels) if label != IGNORE), len(labels)) - 1
 
 
 def supervised_tokens(batch: dict) -> int:

@@ -198,31 +198,19 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
         with torch.autocast("cpu", enabled=False):
             out = _PackedCausalAttention.apply(query, key, value, *outer, bounds, shared_prefix, kwargs.get("scaling"))
         return out.to(dtype), None
-    # the step prefix's own queries are not needed, only rows to put the keys' causal mask in place:
-    # their outputs are dropped, so zeros do
-    outer_query = _outer_query(query, outer[0])
     with torch.autocast(query.device.type, enabled=False):
         outputs = []
         for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            q, k, v = (_conversation(t, a, b, shared_prefix if i else 0, o)
-                       for t, o in ((query, outer_query), (key, outer[0]), (value, outer[1])))
+            q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
+            context = _context(key, value, *outer, shared_prefix if i else 0)
+            if context is not None:
+                # sdpa's causal mask is aligned to the top left, so the context's positions need query
+                # rows too; their outputs are dropped, so zeros do
+                q = torch.cat([q.new_zeros(*q.shape[:2], context[0].shape[2], q.shape[3]), q], dim=2)
+                k, v = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
             out = sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-            outputs.append(out[:, out.shape[1] - (b - a):])  # the prefix's rows come from the first conversation
+            outputs.append(out[:, out.shape[1] - (b - a):])
     return torch.cat(outputs, dim=1).to(dtype), None
-
-
-def _conversation(t: torch.Tensor, a: int, b: int, prefix: int, outer: torch.Tensor | None = None) -> torch.Tensor:
-    """Positions a:b of a (batch, heads, length, ...) tensor, after the row's first `prefix` positions
-    and, before those, `outer` (a step prefix's part)."""
-    parts = [part for part in (outer, t[:, :, :prefix] if prefix else None) if part is not None]
-    return torch.cat([*parts, t[:, :, a:b]], dim=2) if parts else t[:, :, a:b]
-
-
-def _outer_query(query: torch.Tensor, outer_key: torch.Tensor | None) -> torch.Tensor | None:
-    """Zero queries for a step prefix's positions, in front of each conversation's own."""
-    if outer_key is None:
-        return None
-    return query.new_zeros(*query.shape[:2], outer_key.shape[2], query.shape[3])
 
 
 class _PackedCausalAttention(torch.autograd.Function):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from medlora.data import IGNORE
+from medlora.data import prefix_room
 
 
 class StepPrefix:
@@ -56,8 +56,7 @@ def common_prefix(window: list[dict]) -> int:
     """How many leading tokens every conversation of these packed rows has, before any has a label.
 
     A row's later conversations hold only the first `shared_prefix` tokens of the row in common
-    with its first one; a row of one conversation can give everything before its first label
-    but one token (as medlora.data.shared_prefix), so no prediction crosses from the prefix.
+    with its first one; a row of one conversation can give what medlora.data.prefix_room allows.
     """
     if any("cu_seq_lens_q" not in row for row in window):
         return 0
@@ -72,8 +71,7 @@ def common_prefix(window: list[dict]) -> int:
 def _row_bound(row: dict) -> int:
     if len(row["cu_seq_lens_q"]) > 2:
         return row.get("shared_prefix", 0)
-    labelled = (row["labels"][0] != IGNORE).nonzero()
-    return (int(labelled[0]) if len(labelled) else row["labels"].shape[1]) - 1
+    return prefix_room(row["labels"][0].tolist())
 
 
 def without_prefix(row: dict, prefix: StepPrefix) -> dict:
