@@ -140,6 +140,13 @@ def test_bad_values_are_named(override, message):
         medconfig.validate(cfg)
 
 
+def test_a_bad_random_init_dtype_is_named():
+    cfg = _compose("model=phi4_mini_random", "model.random_init.dtype=float8")
+    with pytest.raises(medconfig.MedloraError, match="model.random_init.dtype='float8' is invalid: the random weights "
+                                                     "are saved in one of float32, bfloat16, float16"):
+        medconfig.validate(cfg)
+
+
 def test_a_named_allocator_that_is_not_installed_names_the_fix(monkeypatch):
     monkeypatch.setattr(allocator, "library", lambda name: None)
     with pytest.raises(medconfig.MedloraError, match="training.allocator=tcmalloc: its library is not installed here. "

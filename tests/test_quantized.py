@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import TINY, mlflow_client, train
@@ -59,3 +62,45 @@ def test_gradients_through_4bit_layers_survive_an_eval_pass():
     assert before[first_layer_a].abs().sum() > 0
     for name in before:
         torch.testing.assert_close(after[name], before[name])
+
+
+# Phi-4-mini's architecture (fused qkv_proj and gate_up_proj, 3/4 rotary, a 200k vocabulary) at a
+# width and depth a CPU test can train
+PHI4_SMALL = ["model=phi4_mini_random", "model.random_init.num_hidden_layers=2", "model.random_init.hidden_size=128",
+              "model.random_init.intermediate_size=256", "model.random_init.num_attention_heads=4",
+              "model.random_init.num_key_value_heads=2"]
+
+
+def test_phi4_mini_random_is_phi4_mini_sized():
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import ROOT
+
+    arch = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "phi4_mini_random.yaml").random_init)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch))
+    assert type(model).__name__ == "Phi3ForCausalLM"
+    # Phi-4-mini-instruct's 3,836,021,760 parameters, the tied embeddings counted once
+    assert sum(p.numel() for p in model.parameters()) == 3_836_021_760
+
+
+def test_phi4_mini_architecture_trains_in_4bit_with_its_vocabulary(tmp_path):
+    result = train(tmp_path, *PHI4_SMALL, "training.max_seq_len=256", "training.max_steps=2",
+                   "training.gradient_accumulation_steps=2", "data.max_train_samples=6", "data.max_eval_samples=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow_client(tmp_path)
+    (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
+    assert run.data.params["model.quantization"] == "4bit"
+    assert run.data.metrics["train_shared_prefix_fraction"] > 0
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from medlora.model import resolve_checkpoint
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=PHI4_SMALL)
+    checkpoint, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)  # the one the run built
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    # the vocabulary of the model stood in for, not the tokenizer's 49,152, and bf16 as Phi-4-mini ships
+    assert (config["vocab_size"], config["dtype"]) == (200064, "bfloat16")

@@ -18,6 +18,7 @@ class MedloraError(Exception):
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+RANDOM_DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("truncate", "drop")
 LORA_BIAS = ("none", "all", "lora_only")
 
@@ -63,6 +64,10 @@ def validate_model(m: DictConfig) -> None:
                 f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
                 "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
     require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
+    if m.get("random_init") is not None:
+        dtype = m.random_init.get("dtype", "float32")
+        require(dtype in RANDOM_DTYPES, f"model.random_init.dtype={dtype!r} is invalid: the random weights are saved "
+                f"in one of {', '.join(RANDOM_DTYPES)}.")
 
 
 def _validate_lora(lora: DictConfig) -> None:

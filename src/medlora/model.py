@@ -98,7 +98,8 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
     """Build a model from `random_init` with seeded weights and cache it like any checkpoint."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     arch = OmegaConf.to_container(model_cfg.random_init, resolve=True)
-    arch.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+    # a larger vocabulary than the tokenizer's stays: its size is part of the model being stood in for
+    arch.update(vocab_size=max(arch.get("vocab_size", 0), len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     key = hashlib.sha256(json.dumps([arch, seed, str(tokenizer_path)], sort_keys=True).encode()).hexdigest()
     target = Path(cache_dir) / "models" / f"{model_cfg.base_model}-{key[:16]}"
@@ -108,7 +109,8 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
     def save(folder: Path) -> None:
         config = AutoConfig.for_model(**arch)
         torch.manual_seed(seed)
-        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        dtype = getattr(torch, arch.get("dtype", "float32"))
+        AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
     return save_atomically(target, save, cache_entry="config.json")
