@@ -18,6 +18,7 @@ class MedloraError(Exception):
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+PREFIX_SCOPES = ("step", "row")
 RANDOM_DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("truncate", "drop")
 LORA_BIAS = ("none", "all", "lora_only")
@@ -99,8 +100,8 @@ def _validate_training(t: DictConfig) -> None:
     for key in ("packing", "shared_prefix", "chunked_loss", "fast_dropout", "fused_lora", "gradient_checkpointing", "group_by_length",
                 "cache_data"):
         require(isinstance(t[key], bool), f"training.{key}={t[key]!r} is invalid: use true or false.")
-    require(t.shared_prefix_scope in ("row", "step"),
-            f"training.shared_prefix_scope={t.shared_prefix_scope!r} is invalid: use step or row.")
+    require(t.shared_prefix_scope in PREFIX_SCOPES,
+            f"training.shared_prefix_scope={t.shared_prefix_scope!r} is invalid: use {' or '.join(PREFIX_SCOPES)}.")
     from medlora.allocator import choose
 
     try:

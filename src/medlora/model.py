@@ -284,8 +284,7 @@ class _PackedCausalAttention(torch.autograd.Function):
 
 def _flash(query, key, value, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, log-sum-exp) of torch's CPU flash-attention kernel."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
-    return out, lse
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
 
 
 def _context(key, value, outer_key, outer_value, skip: int) -> tuple[torch.Tensor, torch.Tensor] | None:
