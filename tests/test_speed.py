@@ -170,7 +170,9 @@ def test_a_shared_prefix_keeps_the_loss_and_gradients():
     assert n_whole == n_shared and width_whole - width_shared == 4 * 30
     assert shared == pytest.approx(whole, rel=1e-6)
     for name in g_whole:
-        torch.testing.assert_close(g_shared[name], g_whole[name], atol=1e-6, rtol=1e-4)
+        # the prefix's gradient is summed over its readers in another order than the whole rows' is:
+        # fp32 rounding, seen up to 1.5e-6 on elements near zero with this install's torch
+        torch.testing.assert_close(g_shared[name], g_whole[name], atol=5e-6, rtol=1e-4)
 
 
 def test_gradient_checkpointing_recomputes_a_shared_prefix_row_exactly():
