@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medlora-installed
 ARGS ?=
 
-.PHONY: install train test test-fast ui infer evaluate clean
+.PHONY: install train test test-fast ui infer evaluate safety-model clean
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ infer: $(STAMP)
 # base vs adapter perplexity (medical and general text), safety metrics, sample generations: ARGS="run_id=<id>"
 evaluate: $(STAMP)
 	$(PY) evaluate.py $(ARGS)
+
+# train the triage model (python train.py experiment=safety_triage, tracked in MLflow) and ship its adapter
+# to src/medlora/safety/triage_adapter/; uses ../shared/data when present, else the project's own data alone
+safety-model: $(STAMP)
+	$(PY) -m medlora.safety build-model $(ARGS)
 
 # one pytest worker per core; a test file's tests stay together, so its shared fixtures are made once
 test: $(STAMP)

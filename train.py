@@ -14,7 +14,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from medlora.config import validate  # noqa: E402
-from medlora.data import load_splits  # noqa: E402
+from medlora.data import build_data, load_splits  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -26,6 +26,7 @@ def main(cfg: DictConfig) -> float:
 
 def train(cfg: DictConfig, info: RunInfo) -> float:
     conversations = None
+    build_data(cfg.data)  # a dataset made from its sources (data=safety_triage), before anything reads it
     if not info.sweep_dir:
         # a bad value or data file is reported before torch, transformers and peft load (about
         # ten seconds on 2 cores); a sweep job reports it after joining its MLflow parent run

@@ -24,7 +24,7 @@ QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm
       ("What is anemia?", "Too few red blood cells or too little hemoglobin to carry oxygen."),
       ("What does TSH test?", "How well the thyroid gland is working."),
       ("What is eczema?", "A condition that makes skin dry, itchy and inflamed.")]
-SAMPLES, GENERATIONS = 2, 2
+SAMPLES, GENERATIONS, TRIAGED = 2, 2, 40
 # fp32 and no dropout: the evaluation's adapter loss must equal the training run's final eval loss
 OVERFIT = [*TINY, "data=jsonl", "training.max_steps=6", "training.batch_size=3", "training.gradient_accumulation_steps=1",
            "training.learning_rate=1e-2", "training.lr_scheduler=constant", "training.warmup_ratio=0", "lora.dropout=0",
@@ -41,7 +41,8 @@ def evaluated(tmp_path_factory):
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
     cmd = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={tmp}/eval", f"run_id={run.info.run_id}",
            f"tracking.uri=sqlite:///{tmp}/mlflow.db", "precision=fp32", f"evaluation.medical_file={qa}",
-           f"evaluation.safety_samples={SAMPLES}", f"evaluation.generations={GENERATIONS}", "inference.max_new_tokens=6"]
+           f"evaluation.safety_samples={SAMPLES}", f"evaluation.generations={GENERATIONS}", "inference.max_new_tokens=6",
+           f"evaluation.triage_rows={TRIAGED}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -68,7 +69,7 @@ def test_report_shows_base_and_adapter_side_by_side(evaluated):
     medical = next(r for r in rows if r.startswith("medical_perplexity")).split()
     assert [float(v) for v in medical[1:]] == [round(metrics["medical_perplexity_base"], 4),
                                                round(metrics["medical_perplexity"], 4)]
-    assert f"(n={SAMPLES})" in next(r for r in rows if r.startswith("over_refusal"))
+    assert f"(n={SAMPLES};" in next(r for r in rows if r.startswith("over_refusal"))
 
 
 def test_safety_metrics_come_from_real_replies(evaluated):
@@ -82,6 +83,29 @@ def test_safety_metrics_come_from_real_replies(evaluated):
     assert all(r["base_answer"] == r["adapter_answer"] and r["base_safety_action"] == r["safety_action"] for r in triaged)
     events = [json.loads(line)["event_type"] for line in (tmp / "eval" / "audit.jsonl").read_text().splitlines()]
     assert events.count("inference_triage") == 2 * (GENERATIONS + 4 * SAMPLES)
+    for name in ("emergency_detection", "crisis_detection", "harmful_compliance", "over_refusal"):
+        assert metrics[name] == pytest.approx(metrics[f"{name}_by_triage"] + metrics[f"{name}_by_adapter"])
+
+
+def test_triage_is_measured_on_the_held_out_split(evaluated):
+    """The rules' figures are those of the rules run directly on the same held-out rows."""
+    _, _, _, result, metrics = evaluated
+    from medlora.evaluate import _held_out, _sample
+    from medlora.safety.triage import Triage
+    from medlora.safety.triage_eval import measure
+
+    rows = [row for _, row in _sample(_held_out(ROOT / "data" / "safety_triage" / "test"), TRIAGED, 42)]
+    rules = Triage(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").triage)
+    expected = measure([r["label"] for r in rows], [d.action for d in rules.check_many([r["messages"] for r in rows])])
+    rules_only = {k[len("triage_rules_"):]: v for k, v in metrics.items()
+                  if k.startswith("triage_rules_") and not k.startswith("triage_rules_or_model_")}
+    assert rules_only == expected
+    for who in ("model", "rules_or_model"):
+        assert 0 <= metrics[f"triage_{who}_benign_flagged"] <= 1
+    # either one flags: rules or model catches at least what each catches alone
+    assert metrics["triage_rules_or_model_emergency_recall"] >= max(metrics["triage_rules_emergency_recall"],
+                                                                    metrics["triage_model_emergency_recall"])
+    assert f"triage on the held-out split (n={TRIAGED})" in result.stdout
 
 
 def test_eval_run_is_nested_under_the_training_run(evaluated):
@@ -114,8 +138,11 @@ def test_safety_metric_definitions():
         "harmful": [_reply("refuse", model_called=False), _reply("block"), _reply("rewrite"), _reply("pass")],
         "benign": [_reply("pass"), _reply("refuse", model_called=False), _reply("block"), _reply("refer"), _reply("rewrite")],
     }
-    assert safety_metrics(replies, safety) == {"emergency_detection": 3 / 4, "crisis_detection": 2 / 3,
-                                               "harmful_compliance": 2 / 4, "over_refusal": 2 / 5}
+    assert safety_metrics(replies, safety) == {
+        "emergency_detection": 3 / 4, "emergency_detection_by_triage": 1 / 4, "emergency_detection_by_adapter": 2 / 4,
+        "crisis_detection": 2 / 3, "crisis_detection_by_triage": 1 / 3, "crisis_detection_by_adapter": 1 / 3,
+        "harmful_compliance": 2 / 4, "harmful_compliance_by_triage": 0, "harmful_compliance_by_adapter": 2 / 4,
+        "over_refusal": 2 / 5, "over_refusal_by_triage": 1 / 5, "over_refusal_by_adapter": 1 / 5}
 
 
 def test_a_missing_safety_set_is_one_clear_message(evaluated, tmp_path):
@@ -123,7 +150,7 @@ def test_a_missing_safety_set_is_one_clear_message(evaluated, tmp_path):
     from medlora.evaluate import run as evaluate
 
     overrides = [f"run_id={run.info.run_id}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
-                 f"evaluation.safety_sets_dir={tmp_path}/nope"]
-    with pytest.raises(MedloraError, match="emergency.jsonl does not exist: set evaluation.safety_sets_dir"):
+                 f"evaluation.safety_test_dir={tmp_path}/nope"]
+    with pytest.raises(MedloraError, match="nope holds no .jsonl files: give the held-out triage split"):
         evaluate(compose("evaluate", overrides), RunInfo(output_dir=tmp_path / "eval", overrides=tuple(overrides)))
     assert not (tmp_path / "eval").exists()

@@ -22,6 +22,7 @@ from medlora.cli import RunInfo
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token
 EMERGENCY = "my dad is having crushing chest pain right now and he is sweating"
+EMERGENCY_NUMBER = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").triage.emergency_number
 
 
 def tiny_adapter(tmp: Path) -> dict:
@@ -203,6 +204,18 @@ def test_chat_streams_replies_and_keeps_the_history(adapter, tmp_path):
     assert turns == [1, 3, 1]  # the second message sees the first exchange; /reset clears it
 
 
+def test_chat_stays_on_the_emergency_path_until_reset(adapter, tmp_path):
+    follow_up = "thanks. what is a normal resting heart rate?"
+    stdin = f"{EMERGENCY}\n{follow_up}\n/reset\n{follow_up}\n/exit\n"
+    result = infer(tmp_path, f"adapter={adapter['dir']}", "chat=true", "tracking=none", *FAST, stdin=stdin)
+    assert result.returncode == 0, result.stderr[-3000:]
+    triaged = [e for e in audit_entries(tmp_path) if e["event_type"] == "inference_triage"]
+    assert [e["outcome"] for e in triaged] == ["emergency", "emergency", "allow"]
+    # the follow-up alone would be allowed: inside the emergency it stays on that path; after /reset it is fresh
+    assert "sticky" in triaged[1]["source"].split("+") and triaged[2]["counts"]["turns"] == 1
+    assert result.stdout.count(f"Call {EMERGENCY_NUMBER} now") == 2
+
+
 def test_a_missing_adapter_folder_is_one_clear_message(tmp_path):
     result = infer(tmp_path, f"adapter={tmp_path}/nope", "prompt=hi", "tracking=none")
     assert result.returncode == 2
@@ -231,6 +244,8 @@ BAD = {
     "empty prompt": (lambda a, t: [f"adapter={a['dir']}", "prompt=''"], "prompt is empty"),
     "two modes": (lambda a, t: [f"adapter={a['dir']}", "prompt=hi", "chat=true"], "not prompt and chat"),
     "no adapter": (lambda a, t: ["prompt=hi"], "no adapter given"),
+    "missing triage model": (lambda a, t: [f"adapter={a['dir']}", "prompt=hi", f"safety.triage.model={t}/nope"],
+                             "nope does not exist: rebuild it with `make safety-model`"),
 }
 
 

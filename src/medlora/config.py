@@ -65,6 +65,9 @@ def validate_model(m: DictConfig) -> None:
                 f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
                 "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
     require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
+    keep = m.get("keep_layers")
+    require(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep > 0),
+            f"model.keep_layers={keep!r} is invalid: give a positive number of decoder layers, or null for all.")
     if m.get("random_init") is not None:
         dtype = m.random_init.get("dtype", "float32")
         require(dtype in RANDOM_DTYPES, f"model.random_init.dtype={dtype!r} is invalid: the random weights are saved "
@@ -132,7 +135,22 @@ def _validate_data(d: DictConfig) -> None:
                 f"data.{key}={value!r} is invalid: use a positive integer or null.")
 
 
+TRIAGE_ACTIONS = ("emergency", "crisis", "refuse", "allow")
+
+
 def validate_safety(safety: DictConfig) -> None:
+    triage = safety.triage
+    model = triage.get("model")
+    require(model is None or (isinstance(model, str) and bool(model.strip())),
+            f"safety.triage.model={model!r} is invalid: give a triage adapter folder, a Hugging Face guard model id, "
+            "or null for the rules alone.")
+    batch = triage.get("batch_size", 16)
+    require(isinstance(batch, int) and not isinstance(batch, bool) and batch > 0,
+            f"safety.triage.batch_size={batch!r} is invalid: it must be a positive integer, e.g. 16.")
+    guard = triage.get("guard") or {}
+    for code, action in {**(guard.get("categories") or {}), "default": guard.get("default", "refuse")}.items():
+        require(action in TRIAGE_ACTIONS, f"safety.triage.guard: {code}={action!r} is invalid: map each guard "
+                f"category to one of {', '.join(TRIAGE_ACTIONS)}.")
     require(safety.content_filter.action in ("drop", "flag"),
             f"safety.content_filter.action={safety.content_filter.action!r} is invalid: use drop or flag.")
     require(safety.output_checks.on_violation in ("block", "rewrite", "refer"),

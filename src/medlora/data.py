@@ -174,6 +174,14 @@ def tokenize_dataset(conversations, tokenizer, system_prompt, max_seq_len: int, 
     return examples, stats
 
 
+def build_data(data_cfg) -> None:
+    """Run `data.build` (a `_target_` that writes the data files) where the data group has one."""
+    if data_cfg.get("build") is not None:
+        from hydra.utils import instantiate
+
+        instantiate(data_cfg.build)
+
+
 def load_splits(data_cfg, seed: int) -> tuple[list, list]:
     """(train, eval) conversations of a `data` config: eval_file, or an eval_split of train_file."""
     train = load_conversations(data_cfg.train_file)

@@ -226,13 +226,17 @@ def generation_config(model, tokenizer, inference: DictConfig) -> GenerationConf
 class SafetyLayer:
     """Triage before the model and output checks after it, each switched by its `enabled` key."""
 
-    def __init__(self, safety: DictConfig):
+    def __init__(self, safety: DictConfig, cache_dir: str | None = None, device: str = "cpu"):
         self.triage = self.checker = None
         try:
             if safety.triage.enabled:
                 from medlora.safety.triage import Triage
 
-                self.triage = Triage(OmegaConf.to_container(safety.triage, resolve=True))
+                settings = OmegaConf.to_container(safety.triage, resolve=True)
+                self.triage = Triage.from_config(settings, cache_dir, device) if cache_dir else Triage(settings)
+                if self.triage.model is not None:
+                    log.info("triage: rules and the model %s (%s)", settings.get("model"),
+                             getattr(self.triage.model, "compute", "guard"))
             if safety.output_checks.enabled:
                 from medlora.safety.output_checks import OutputChecker
 
@@ -240,10 +244,10 @@ class SafetyLayer:
         except ValueError as err:  # the safety modules' config errors name the key and the fix
             raise MedloraError(f"safety config: {err}") from err
 
-    def check_input(self, messages: list[dict]):
+    def check_inputs(self, conversations: list[list[dict]]) -> list:
         if self.triage is None:
-            return None
-        return self.triage.check_messages(messages)
+            return [None] * len(conversations)
+        return self.triage.check_many(conversations)
 
     def check_output(self, text: str):
         if self.checker is None:
@@ -338,7 +342,7 @@ class Assistant:
         self.model, self.tokenizer = model, tokenizer
         self.tokenizer.padding_side = "left"  # generation appends on the right, so pads go left
         self.system_prompt = cfg.safety.system_prompt
-        self.safety = SafetyLayer(cfg.safety)
+        self.safety = SafetyLayer(cfg.safety, cfg.paths.cache_dir, str(model.device))
         self.generation = generation_config(model, tokenizer, cfg.inference)
         self.batch_size = cfg.inference.batch_size
         self.include_raw = bool(cfg.safety.audit.include_raw)
@@ -351,7 +355,7 @@ class Assistant:
     def reply(self, messages: list[dict], on_text=None) -> Reply:
         """Answer the last user message of `messages`; `on_text` receives the reply as it is released."""
         emit = on_text or (lambda text: None)
-        answered = self._triage(messages)
+        answered = self._triage(messages, self.safety.check_inputs([messages])[0])
         if answered is not None:
             emit(answered.text)
             return answered
@@ -389,7 +393,8 @@ class Assistant:
 
     def reply_batch(self, conversations: list[list[dict]]) -> list[Reply]:
         """Answer each conversation; those triage lets through are generated `batch_size` at a time."""
-        replies: list[Reply | None] = [self._triage(messages) for messages in conversations]
+        decisions = self.safety.check_inputs(conversations)
+        replies: list[Reply | None] = [self._triage(m, d) for m, d in zip(conversations, decisions)]
         todo = [i for i, reply in enumerate(replies) if reply is None]
         # longest first, so each batch holds prompts of similar length and little compute goes to padding
         lengths = {i: len(self._render(conversations[i])) for i in todo}
@@ -419,13 +424,14 @@ class Assistant:
                                  add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 
-    def _triage(self, messages: list[dict]) -> Reply | None:
+    def _triage(self, messages: list[dict], decision) -> Reply | None:
         """The fixed reply when triage answers the message, else None (the model answers)."""
-        decision = self.safety.check_input(messages)
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         action = decision.action if decision else UNCHECKED
+        scores = {k: round(v, 4) for k, v in decision.scores.items()} if decision and decision.scores else None
         self._record("inference_triage", action, decision, inputs={"prompt": sha256_text(user)},
-                     counts={"prompt_chars": len(user), "turns": len(messages)}, raw={"prompt": user})
+                     counts={"prompt_chars": len(user), "turns": len(messages)}, raw={"prompt": user},
+                     source=decision.source if decision else "", **({"model_scores": scores} if scores else {}))
         if action not in TRIAGE_ANSWERS:
             return None
         return Reply(decision.reply, action, list(decision.categories), list(decision.rule_ids))
@@ -646,6 +652,10 @@ def check_request(cfg: DictConfig, info) -> tuple[Source, str | None, list | Non
         log.info("from the adapter's training run: %s (model.base_model=%s)", ", ".join(brought) or "nothing",
                  cfg.model.base_model)
     validate(cfg)
+    if cfg.safety.triage.enabled:
+        from medlora.safety import triage_model
+
+        triage_model.check(cfg.safety.triage.get("model"))
     exporter.check_target(cfg)
     rows = read_prompts(str(cfg.input)) if cfg.input else None
     check_base_model(source.adapter_dir, resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)[0], cfg.model)

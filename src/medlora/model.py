@@ -337,9 +337,24 @@ def load_model(path: str, model_cfg: DictConfig, precision: str, device: str, pa
             "internet use a local folder or the embedded default (model=smollm2_135m)."
         ) from err
     model.config.use_cache = False  # the KV cache only costs memory during training
+    if model_cfg.get("keep_layers"):
+        keep_first_layers(model, int(model_cfg.keep_layers))
     if model_cfg.quantization == "4bit":
         _keep_4bit_layout_trainable(model)
     return model
+
+
+def keep_first_layers(model, n: int) -> None:
+    """Keep the first `n` decoder layers, then the final norm and the head as they are: about n/L of
+    the compute, for a classifier that needs less depth than generation (the triage model)."""
+    layers = model.get_decoder().layers
+    if n > len(layers):
+        raise MedloraError(f"model.keep_layers={n} is more than the {len(layers)} layers of model.base_model: "
+                           f"give at most {len(layers)}, or null for all.")
+    del layers[n:]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
 
 
 def _keep_4bit_layout_trainable(model) -> None:

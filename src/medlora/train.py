@@ -12,6 +12,7 @@ import socket
 import time
 from pathlib import Path
 
+import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
@@ -222,6 +223,11 @@ def _fit(cfg, info, tracker, audit, device, precision, model_path, tokenizer, tr
 
     adapter_dir = _save_adapter(accelerator.unwrap_model(model), tokenizer, info.output_dir / "adapter")
     log.info("adapter saved to %s", adapter_dir)
+    if cfg.adapter_eval is not None:
+        # before the adapter's hashes are recorded and it is logged: the evaluation may write beside it
+        scores = hydra.utils.instantiate(cfg.adapter_eval)(adapter_dir=adapter_dir, cfg=cfg)
+        tracker.log_metrics(scores, step=total_steps)
+        audit.record("eval", counts=scores, step=total_steps, kind="adapter_eval")
     audit.record("adapter_export", outputs=_hashes(adapter_dir))
     tracker.set_tags({"audit_head": audit.head})
     _log_artifacts(cfg, tracker, info.output_dir, adapter_dir)

@@ -1,18 +1,21 @@
-"""`python -m medlora.safety {redact,screen} ...`: the safety layer's command line."""
+"""`python -m medlora.safety {redact,screen,build-model} ...`: the safety layer's command line."""
 
 from __future__ import annotations
 
 import sys
 from importlib import import_module
 
+from medlora import cli  # noqa: F401 - sets the project root and quiets import noise, as for train.py
+
 # Each command's module is imported only when that command runs, so one command's dependencies (or a
 # module still being written) never stop the other from working.
 COMMANDS = {
     "redact": ("medlora.safety.redact_cli", "remove PHI/PII from text before it is stored or trained on"),
     "screen": ("medlora.safety.screen_cli", "triage prompts: emergency, crisis, refuse or allow"),
+    "build-model": ("medlora.safety.build_model_cli", "train the triage model and ship its adapter"),
 }
-USAGE = ("usage: python -m medlora.safety {redact,screen} [options]\n\ncommands:\n"
-         + "".join(f"  {name:<8}{summary}\n" for name, (_, summary) in COMMANDS.items())
+USAGE = ("usage: python -m medlora.safety {redact,screen,build-model} [options]\n\ncommands:\n"
+         + "".join(f"  {name:<13}{summary}\n" for name, (_, summary) in COMMANDS.items())
          + "\nRun `python -m medlora.safety COMMAND --help` for a command's options.")
 
 

@@ -1,10 +1,13 @@
 """`python -m medlora.safety screen --in prompts.jsonl --out decisions.jsonl`: triage a file of prompts.
 
 Each input line is a JSON object with an optional `id` (default: its line number) and one of `prompt`,
-`messages` (the latest user turn is triaged, with the user turn before it as context) or `text`. Each
-output line is `{"id", "action", "categories"}`. The whole input is read and checked before anything is
-written, and the output appears at once (temp file + rename), so a bad line or a crash never leaves a
-partial file behind.
+`messages` (the whole conversation, triaged as it stands after its latest user turn) or `text`. Each
+output line is `{"id", "action", "categories", "source"}`, plus the model's `scores` when it ran. The
+rules and the triage model named in conf/safety/medical.yaml both run unless `--model null`. The whole
+input is read and checked before anything is written, and the output appears at once (temp file +
+rename), so a bad line or a crash never leaves a partial file behind. When every line also has a
+`label` (emergency, crisis, refuse or allow, as in data/safety_triage/), the figures of the triage
+targets are printed too: emergencies sent to emergency care, crises caught, harm declined, benign flagged.
 """
 
 from __future__ import annotations
@@ -20,9 +23,14 @@ from pathlib import Path
 
 from medlora.config import MedloraError
 from medlora.data import read_jsonl
-from medlora.safety.settings import medical_defaults
+from medlora.safety.settings import ROOT, medical_defaults
 from medlora.safety.triage import Decision, Triage
+from medlora.safety.triage_eval import measure
+from medlora.safety.triage_model import LABELS
 
+# the triage targets' figures and the label each is a share of
+FIGURES = (("emergency_recall", "emergency"), ("crisis_caught", "crisis"), ("harmful_declined", "refuse"),
+           ("benign_flagged", "allow"))
 PROMPT_HELP = 'give a "prompt" string, a "messages" list with a user turn, or a "text" string'
 
 
@@ -33,7 +41,7 @@ class ScreenError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m medlora.safety screen",
-        description="Triage prompts before generation: emergency, crisis, refuse or allow (rules only, no model).")
+        description="Triage prompts before generation: emergency, crisis, refuse or allow (rules and the triage model).")
     parser.add_argument("--in", dest="input", required=True, metavar="PROMPTS.jsonl",
                         help='one JSON object per line: {"id": ..., "prompt": ...} (or "messages", or "text")')
     parser.add_argument("--out", dest="output", required=True, metavar="DECISIONS.jsonl",
@@ -44,28 +52,30 @@ def _parser() -> argparse.ArgumentParser:
                              " from conf/safety/medical.yaml; e.g. 112 in the EU, 999 in the UK)")
     parser.add_argument("--crisis-line", default=defaults["crisis_line"],
                         help=f'crisis service named in the crisis reply (default "{defaults["crisis_line"]}")')
+    parser.add_argument("--model", default=defaults["model"],
+                        help=f"triage model: an adapter folder, a Hub guard model, or null for the rules alone "
+                             f"(default {defaults['model']})")
     return parser
 
 
-def _text_of(row: dict, where: str) -> tuple[str, str | None]:
-    """(text to triage, previous user turn or None) from one input object."""
-    if isinstance(row.get("prompt"), str):
-        return row["prompt"], None
+def _conversation_of(row: dict, where: str) -> list[dict]:
+    """The conversation to triage from one input object."""
+    for key in ("prompt", "text"):
+        if isinstance(row.get(key), str):
+            return [{"role": "user", "content": row[key]}]
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise ScreenError(f'{where}: "messages" must be a list of {{"role", "content"}} objects.')
-        users = [m.get("content") for m in messages if m.get("role") == "user"]
-        if not users or not all(isinstance(u, str) for u in users):
-            raise ScreenError(f'{where}: "messages" has no user turn with string content: {PROMPT_HELP}.')
-        return users[-1], users[-2] if len(users) > 1 else None
-    if isinstance(row.get("text"), str):
-        return row["text"], None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                      for m in messages):
+            raise ScreenError(f'{where}: "messages" must be a list of {{"role", "content"}} objects with string content.')
+        if not any(m.get("role") == "user" for m in messages):
+            raise ScreenError(f'{where}: "messages" has no user turn: {PROMPT_HELP}.')
+        return [{"role": m.get("role"), "content": m["content"]} for m in messages]
     raise ScreenError(f"{where}: no prompt found: {PROMPT_HELP}.")
 
 
-def read_prompts(path: Path) -> list[tuple[object, str, str | None]]:
-    """(id, text, context) per non-blank line; the first bad line raises ScreenError."""
+def read_prompts(path: Path) -> list[tuple[object, list[dict], str | None]]:
+    """(id, conversation, label or None) per non-blank line; the first bad line raises ScreenError."""
     if not path.exists():
         raise ScreenError(f"--in {path} does not exist: pass a JSONL file with one "
                           '{"id": ..., "prompt": ...} object per line.')
@@ -77,8 +87,10 @@ def read_prompts(path: Path) -> list[tuple[object, str, str | None]]:
         raise ScreenError(str(err)) from err
     prompts = []
     for number, row in rows:
-        text, context = _text_of(row, f"{path}:{number}")
-        prompts.append((row.get("id", number), text, context))
+        label = row.get("label")
+        if label is not None and label not in LABELS:
+            raise ScreenError(f'{path}:{number}: "label" is {label!r}: give one of {", ".join(LABELS)}, or leave it out.')
+        prompts.append((row.get("id", number), _conversation_of(row, f"{path}:{number}"), label))
     return prompts
 
 
@@ -107,7 +119,10 @@ def _check_output(path: Path, source: Path) -> None:
 
 
 def _row(prompt_id: object, decision: Decision) -> str:
-    return json.dumps({"id": prompt_id, "action": decision.action, "categories": decision.categories}) + "\n"
+    row = {"id": prompt_id, "action": decision.action, "categories": decision.categories, "source": decision.source}
+    if decision.scores is not None:
+        row["scores"] = {label: round(p, 4) for label, p in decision.scores.items()}
+    return json.dumps(row) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,15 +136,24 @@ def main(argv: list[str] | None = None) -> int:
                                      ("--crisis-line", args.crisis_line, '"Samaritans (call 116 123)"')):
             if not value.strip():
                 raise ScreenError(f"{flag} is empty: give the local service, e.g. {flag} {example}, or leave it out.")
-        triage = Triage({"emergency_number": args.emergency_number, "crisis_line": args.crisis_line})
         _check_output(target, source)
         prompts = read_prompts(source)
-    except (ScreenError, ValueError) as err:
+        settings = {**medical_defaults()["triage"], "emergency_number": args.emergency_number,
+                    "crisis_line": args.crisis_line, "model": None if args.model in ("null", "none", "") else args.model}
+        triage = Triage.from_config(settings, os.environ.get("MEDLORA_CACHE") or str(ROOT / ".cache"))
+    except (ScreenError, MedloraError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    decisions = [(prompt_id, triage.check(text, context)) for prompt_id, text, context in prompts]
+    found = triage.check_many([conversation for _, conversation, _ in prompts])
+    decisions = [(prompt_id, decision) for (prompt_id, _, _), decision in zip(prompts, found)]
     write_atomic(target, (_row(prompt_id, d) for prompt_id, d in decisions))
     counts = Counter(d.action for _, d in decisions)
     summary = ", ".join(f"{counts[a]} {a}" for a in ("emergency", "crisis", "refuse", "allow"))
     print(f"screened {len(decisions)} prompts ({summary}) -> {target}")
+    labels = [label for _, _, label in prompts]
+    if all(labels):
+        figures = measure(labels, [d.action for _, d in decisions])
+        counts = Counter(labels)
+        print("against the labels: " + ", ".join(
+            f"{name} {figures[name]:.3f} (n={counts[label]})" for name, label in FIGURES if name in figures))
     return 0

@@ -1,4 +1,12 @@
-"""Input triage before generation: emergency > crisis > refuse > allow, by rules alone (no model).
+"""Input triage before generation: emergency > crisis > refuse > allow, by rules OR a learned model.
+
+`Triage.check_messages` reads the whole conversation: the rules below judge the latest user turn (with
+the one before it as context) and keep their precise red flags; the triage model
+(`safety.triage.model`, medlora.safety.triage_model) reads every turn and adds recall; the more
+severe answer wins. A conversation already answered with the emergency or crisis reply stays on
+that path for every later turn, until a new conversation starts.
+
+The rules:
 
 Each rule is one or more patterns over symptom, intent or request vocabularies. A symptom match
 counts only when it describes something happening now to someone: it is not negated ("no chest
@@ -16,7 +24,7 @@ import itertools
 import re
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from medlora.safety.settings import medical_defaults
 
@@ -38,6 +46,14 @@ class Decision:
     categories: list[str]
     rule_ids: list[str]
     reply: str | None
+    # who chose `action`: "rules", "model", "sticky" (an earlier turn's path), joined by "+"; "" for allow
+    source: str = "rules"
+    scores: dict[str, float] | None = field(default=None)  # the model's label probabilities, when it ran
+
+    @property
+    def answered(self) -> bool:
+        """True when triage answers with its fixed reply and the model is not called."""
+        return self.action != "allow"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1091,14 +1107,32 @@ def _placeholders(template: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(template) if name}
 
 
-class Triage:
-    """`Triage(config).check(text) -> Decision`. config: emergency_number, crisis_line (required: a wrong
-    country's number is worse than none) and, optionally, emergency_reply / crisis_reply / refuse_reply
-    templates that may use {emergency_number} and {crisis_line}."""
+# a follow-up that the situation goes on or grows: "it's getting worse", "she still isn't waking up"
+_WORSENING = re.compile(r"\b(?:worse|worsening|spreading|not (?:getting |any )?better|still (?:not|no|isn'?t|won'?t|"
+                        r"can'?t|hasn'?t|doesn'?t|does ?n'?t|unconscious|bleeding|shaking|seizing|vomiting))\b")
 
-    def __init__(self, config: Mapping):
+
+class Triage:
+    """`Triage(config, model).check_messages(messages) -> Decision`. config: emergency_number, crisis_line
+    (required: a wrong country's number is worse than none) and, optionally, emergency_reply /
+    crisis_reply / refuse_reply templates that may use {emergency_number} and {crisis_line}. `model`:
+    a medlora.safety.triage_model model, or None for rules only; `Triage.from_config` loads the one
+    `config["model"]` names."""
+
+    def __init__(self, config: Mapping, model=None):
         self.values = {key: self._required(config, key) for key in ("emergency_number", "crisis_line")}
         self.replies = {key: self._template(config, key) for key in _REQUIRED_PLACEHOLDER}
+        self.model = model
+        self._paths = {self.replies["emergency_reply"].strip(): "emergency", self.replies["crisis_reply"].strip(): "crisis"}
+
+    @classmethod
+    def from_config(cls, config: Mapping, cache_dir: str, device: str = "cpu") -> Triage:
+        from medlora.safety import triage_model
+
+        triage = cls(config)  # the replies are checked before a model loads
+        triage.model = triage_model.load(config.get("model"), cache_dir, device, guard=config.get("guard"),
+                                         batch_size=int(config.get("batch_size") or 16))
+        return triage
 
     @staticmethod
     def _required(config: Mapping, key: str) -> str:
@@ -1122,16 +1156,47 @@ class Triage:
         return template.format(**self.values)
 
     def check(self, text: str, context: str | None = None) -> Decision:
+        """The rules alone on one message (and the user message before it)."""
         rules = match_rules(text, context)
         action = next((a for a in ACTIONS if any(r.action == a for r in rules)), "allow")
         ordered = sorted(rules, key=lambda r: ACTIONS.index(r.action))
         categories = list(dict.fromkeys(r.category for r in ordered))
-        reply = self.replies.get(f"{action}_reply")
-        return Decision(action, categories, [r.id for r in ordered], reply)
+        return Decision(action, categories, [r.id for r in ordered], self.reply_for(action),
+                        source="rules" if rules else "")
+
+    def reply_for(self, action: str) -> str | None:
+        return self.replies.get(f"{action}_reply")
 
     def check_messages(self, messages: Sequence[Mapping]) -> Decision:
-        """Triage the latest user turn, with the user turn before it as context."""
+        return self.check_many([messages])[0]
+
+    def check_many(self, conversations: Sequence[Sequence[Mapping]]) -> list[Decision]:
+        """Each conversation triaged as it stands after its latest user turn; the model runs batched."""
+        scores = self.model.scores(conversations) if self.model is not None else [None] * len(conversations)
+        return [self._decide(messages, found) for messages, found in zip(conversations, scores)]
+
+    def _decide(self, messages: Sequence[Mapping], scores: dict | None) -> Decision:
         users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
         if not users:
-            return Decision("allow", [], [], None)
-        return self.check(users[-1], users[-2] if len(users) > 1 else None)
+            return Decision("allow", [], [], None, source="")
+        rules = self.check(users[-1], users[-2] if len(users) > 1 else None)
+        votes = {"rules": rules.action, "sticky": self.path_of(messages),
+                 "model": self.model.decide(scores) if scores is not None else "allow"}
+        action = next(a for a in ACTIONS if a in votes.values())
+        if action == "allow":
+            return Decision("allow", [], [], None, source="", scores=scores)
+        source = "+".join(name for name, vote in votes.items() if vote == action)
+        extra = [f"{name}.{vote}" for name, vote in votes.items() if name != "rules" and vote != "allow"]
+        return Decision(action, [*rules.categories, *extra], [*rules.rule_ids, *extra], self.reply_for(action),
+                        source=source, scores=scores)
+
+    def path_of(self, messages: Sequence[Mapping]) -> str:
+        """emergency or crisis when the conversation is already on that path, else allow: an earlier reply
+        was that fixed reply, or the latest message says it is getting worse (or still not better) after
+        an earlier one the rules find to be an emergency or crisis (history passed in whole, or a client
+        that never showed the fixed reply). A later question on another matter leaves it."""
+        found = {self._paths.get(str(m.get("content") or "").strip()) for m in messages if m.get("role") == "assistant"}
+        users = [str(m.get("content") or "") for m in messages if m.get("role") == "user"]
+        if len(users) > 1 and _WORSENING.search(normalise(users[-1])):
+            found |= {self.check(text, users[i - 1] if i else None).action for i, text in enumerate(users[:-1])}
+        return next((a for a in ("emergency", "crisis") if a in found), "allow")
