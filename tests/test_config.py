@@ -111,7 +111,9 @@ def test_phi4_mini_is_4bit_qlora_and_reports_when_the_hub_is_out_of_reach():
 @pytest.mark.parametrize("option", GROUPS["data"])
 def test_data_options_load(tmp_path, option):
     path = write_jsonl(tmp_path / "d.jsonl", [conversation("q", "a")] * 3)
-    cfg = _compose(f"data={option}", *([f"data.train_file={path}"] if option == "jsonl" else []))
+    cfg = _compose(f"data={option}", *([f"data.train_file={path}"] if option == "jsonl" else []),
+                   *([f"data.build.out_dir={tmp_path}/built"] if option == "safety_triage" else []))
+    data.build_data(cfg.data)  # a data group with a `build` writes its files first, as train.py does
     train = data.load_conversations(cfg.data.train_file)
     assert train and all(m[-1]["role"] == "assistant" for m in train)
     if option == "sample_medical":
@@ -137,6 +139,13 @@ def test_medquad_experiment_points_at_shared_data():
 def test_bad_values_are_named(override, message):
     cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
     with pytest.raises(medconfig.MedloraError, match=message.replace("(", r"\(")):
+        medconfig.validate(cfg)
+
+
+def test_a_missing_triage_data_folder_is_named():
+    # data=safety_triage builds its files when the run starts: its source folder is what must exist
+    cfg = _compose("data=safety_triage", "data.build.own_dir=/no/such/folder")
+    with pytest.raises(medconfig.MedloraError, match="data.build.own_dir=/no/such/folder does not exist"):
         medconfig.validate(cfg)
 
 

@@ -242,7 +242,10 @@ def test_make_safety_model_rebuilds_it_on_a_subset(tmp_path):
     out = tmp_path / "adapter"
     args = [f"--out {out}", f"hydra.run.dir={tmp_path}/run", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.artifact_location={tmp_path}/artifacts", "data.max_train_samples=1200", "data.max_eval_samples=40",
-            "training.num_epochs=1", "training.learning_rate=1e-3", "adapter_eval.max_rows=300"]
+            "training.num_epochs=1", "training.learning_rate=1e-3", "adapter_eval.max_rows=300",
+            # 300 validation rows hold about 130 benign ones: the shipped 0.7% budget would let none reach a
+            # threshold, which pushes the thresholds past what a few minutes of training can score
+            "adapter_eval.benign_budget={emergency:0.05,crisis:0.05,refuse:0.05}"]
     done = subprocess.run(["make", "-s", "safety-model", f"ARGS={' '.join(args)}"], cwd=ROOT, capture_output=True,
                           text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]

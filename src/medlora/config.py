@@ -120,10 +120,14 @@ def _validate_training(t: DictConfig) -> None:
 def _validate_data(d: DictConfig) -> None:
     require(not OmegaConf.is_missing(d, "train_file"),
             "data.train_file is not set: pass your file, e.g. data.train_file=/path/train.jsonl.")
+    build = d.get("build")
+    if build is not None and build.get("own_dir") is not None:
+        require(Path(build.own_dir).is_dir(), f"data.build.own_dir={build.own_dir} does not exist: give the folder of "
+                                              "labelled conversations (data/safety_triage in this repository).")
     for key in ("train_file", "eval_file"):
         path = d[key]
-        if path is None and key == "eval_file":
-            continue
+        if (path is None and key == "eval_file") or build is not None:
+            continue  # data.build writes the files at the start of the run
         require(Path(path).is_file(),
                 f"data.{key}={path} does not exist: check the path, or use data=sample_medical for the bundled set.")
     if d.eval_file is None:
