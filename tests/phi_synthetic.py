@@ -183,6 +183,12 @@ class _Values:
     def po_box(self) -> str:
         return self.pick(f"P.O. Box {self.r.randint(10, 99999)}", f"PO Box {self.r.randint(10, 9999)}")
 
+    def town(self) -> str:
+        return self.r.choice(TOWNS)
+
+    def facility(self) -> str:
+        return f"{self.r.choice(FACILITY_NAMES)} {self.r.choice(FACILITY_NOUNS)}"
+
     def zip(self) -> str:
         return self.pick(f"{self.r.randint(1000, 99999):05d}", f"{self.r.randint(1000, 99999):05d}-{self.digits(4)}")
 
@@ -195,7 +201,13 @@ SLOTS = {"FULL": ("NAME", "full"), "LAST": ("NAME", "last"), "FIRST": ("NAME", "
          "LICENSE": ("LICENSE", "license"), "VIN": ("VEHICLE", "vin"), "PLATE": ("VEHICLE", "plate"),
          "DEVICE": ("DEVICE", "device"), "MAC": ("DEVICE", "mac"), "URL": ("URL", "url"), "IPV4": ("IP", "ipv4"),
          "IPV6": ("IP", "ipv6"), "STREET": ("ADDRESS", "street"), "CITYSTATE": ("ADDRESS", "city_state"),
-         "POBOX": ("ADDRESS", "po_box"), "ZIP": ("ZIP", "zip")}
+         "POBOX": ("ADDRESS", "po_box"), "ZIP": ("ZIP", "zip"), "TOWN": ("LOCATION", "town"),
+         "FACILITY": ("FACILITY", "facility")}
+TOWNS = ["Dayton", "Pawtucket", "Erie", "Waukegan", "Tempe", "Scranton", "Ypsilanti", "Bangor", "Lowell", "Duluth",
+         "Boise", "Fresno", "Yonkers", "Modesto", "Cuyahoga Falls", "Baton Rouge", "Garden Grove", "Dearborn Heights"]
+FACILITY_NAMES = ["Mercy General", "St. Luke's", "Maplewood", "Riverside", "Golden Oaks", "Lakeview", "Holy Cross",
+                  "Brookhaven", "Sheridan Valley", "Cedar Ridge"]
+FACILITY_NOUNS = ["Hospital", "Medical Center", "Nursing Home", "Clinic", "Assisted Living", "Rehabilitation Center"]
 
 TEMPLATES = {
     "NAME": ["Patient: {FULL} was admitted with chest pain; troponin negative.",
@@ -256,6 +268,12 @@ TEMPLATES = {
     "ADDRESS": ["Lives at {STREET}, {CITYSTATE} {ZIP}.", "Address: {STREET}", "Home: {STREET}, {CITYSTATE}",
                 "Send the meter to {STREET}.", "She moved to {STREET} last month.", "Mailing address: {POBOX}"],
     "ZIP": ["ZIP code {ZIP}", "zip {ZIP}", "{CITYSTATE} {ZIP}", "Postal code: {ZIP}", "Lives in {CITYSTATE} {ZIP}."],
+    "LOCATION": ["She lives in {TOWN} with her sister.", "Moved from {TOWN} last year; A1c 7.4%.",
+                 "Lives alone in {TOWN}; walks 1 mile a day.", "He drove in from {TOWN} for the 8:00 visit.",
+                 "They are staying with a cousin in {TOWN}."],
+    "FACILITY": ["Transferred from {FACILITY} with a GI bleed.", "Discharged to {FACILITY} on 5 mg apixaban.",
+                 "She was seen at {FACILITY} last week.", "Records requested from {FACILITY}.",
+                 "Follow-up at {FACILITY} in 2 weeks."],
 }
 
 

@@ -146,9 +146,14 @@ def test_medquad_answers_rarely_altered(redactor):
     # numbers in them are identifiers, but of organisations, not of a person: we keep government sites
     # (.gov, nih.gov, ...) and toll-free help lines as public (PhiRedactor's defaults), and redact the rest
     # (a .org or .com link, an office line), since a pattern cannot tell whose number or page it is.
+    # Named hospitals in their resource lists ('Cleveland Clinic') go as FACILITY, as a de-identification
+    # policy asks; they are bounded apart.
     rows = [json.loads(line) for line in (MEDQUAD / "eval.jsonl").read_text().splitlines() if line.strip()]
-    altered = sum(any(redactor.redact(m["content"])[1] for m in row["messages"]) for row in rows)
+    found = [sum((redactor.redact(m["content"])[1] for m in row["messages"]), Counter()) for row in rows]
+    altered = sum(bool(+Counter({k: v for k, v in f.items() if k != "FACILITY"})) for f in found)
+    facilities = sum(bool(f["FACILITY"]) for f in found)
     assert altered <= 0.01 * len(rows), f"{altered}/{len(rows)} MedQuAD conversations altered ({altered / len(rows):.1%})"
+    assert facilities <= 0.01 * len(rows), f"{facilities}/{len(rows)} MedQuAD conversations with a [FACILITY]"
 
 
 # ---------------------------------------------------------------- content filter

@@ -38,7 +38,7 @@ from medlora.tracking import Tracker, git_commit
 log = logging.getLogger(__name__)
 
 # bump when cleaning or tokenization changes what they produce, so old cache entries are not reused
-DATA_CACHE_VERSION = 1
+DATA_CACHE_VERSION = 2
 
 
 def run(cfg: DictConfig, info: RunInfo, conversations: tuple[list, list] | None = None) -> float:
@@ -112,6 +112,10 @@ def _data_key(cfg: DictConfig, tokenizer) -> str:
     files = {k: sha256_file(data[k]) for k in ("train_file", "eval_file") if data.get(k)}
     safety = {k: OmegaConf.to_container(cfg.safety, resolve=True).get(k)
               for k in ("phi_redaction", "content_filter", "system_prompt")}
+    phi = safety["phi_redaction"] or {}
+    phi.pop("workers", None)  # how many processes redact does not change what they write...
+    if phi.get("mode") != "surrogate":
+        phi.pop("seed", None)  # ...nor does the surrogate seed when there are no surrogates
     parts = {"version": DATA_CACHE_VERSION, "files": files, "data": data, "safety": safety,
              "split_seed": None if data.get("eval_file") else cfg.seed, "tokenizer": medata.fingerprint(tokenizer),
              "max_seq_len": cfg.training.max_seq_len, "overlong": cfg.training.overlong}
@@ -143,7 +147,8 @@ def _audit_data(audit: AuditTrail, cfg: DictConfig, train_safety: CleanReport, e
                                                       "eval_conversations": eval_safety.conversations_in})
     phi = train_safety.phi + eval_safety.phi
     audit.record("phi_redaction", outcome="redacted" if phi else "clean", counts=dict(phi),
-                 rule_ids=[f"phi.{name}" for name in phi], enabled=bool(cfg.safety.phi_redaction.enabled))
+                 rule_ids=[f"phi.{name}" for name in phi], enabled=bool(cfg.safety.phi_redaction.enabled),
+                 mode=train_safety.phi_mode, seed_sha256=train_safety.surrogate_seed_sha256)
     content = train_safety.content + eval_safety.content
     audit.record("content_filter", outcome=cfg.safety.content_filter.action if content else "clean",
                  counts=dict(content), rule_ids=list(content), enabled=bool(cfg.safety.content_filter.enabled),

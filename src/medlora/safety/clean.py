@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -21,6 +23,9 @@ class CleanReport:
     conversations_redacted: int = 0
     content: Counter = field(default_factory=Counter)
     flagged: list[int] = field(default_factory=list)
+    # placeholder | surrogate, and the SHA-256 of the surrogate seed (the seed itself and the mapping are never kept)
+    phi_mode: str = "placeholder"
+    surrogate_seed_sha256: str | None = None
 
     def metrics(self, prefix: str) -> dict[str, int]:
         found = {f"{prefix}_phi_{name.lower()}": n for name, n in self.phi.items()}
@@ -38,15 +43,17 @@ def clean_conversations(conversations: list[list[dict]], safety: DictConfig) -> 
         settings = OmegaConf.to_container(safety.phi_redaction, resolve=True)
         del settings["enabled"]
         redactor = PhiRedactor.from_config(settings)
+        report.phi_mode = redactor.mode
+        if redactor.mode == "surrogate":
+            report.surrogate_seed_sha256 = hashlib.sha256(str(redactor.seed).encode()).hexdigest()
         redacted = []
-        for messages in conversations:
-            clean, counts = redactor.redact_messages(messages)
+        for clean, counts in redactor.redact_conversations(conversations):
             report.phi.update(counts)
             report.conversations_redacted += bool(counts)
             redacted.append(clean)
         conversations = redacted
     if safety.content_filter.enabled:
-        conversations, report.content, report.flagged = filter_conversations(conversations,
-                                                                             safety.content_filter.action)
+        conversations, report.content, report.flagged = filter_conversations(
+            conversations, safety.content_filter.action, workers=os.cpu_count() or 1)
     report.conversations_out = len(conversations)
     return conversations, report

