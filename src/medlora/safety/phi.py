@@ -185,7 +185,7 @@ def _name_rules() -> list[_Rule]:
         # 'dr patel', 'mrs okafor': a title without its period and a name in any case ('MR' and 'MS' in capitals
         # are mitral regurgitation and multiple sclerosis)
         _rule(r"(?<![\w/])(?:dr|Dr|DR|dra|Dra|mr|Mr|mrs|Mrs|MRS|ms|Ms|mx|Mx|prof|Prof|Rev|Pastor|Sr|Sra|Fr)\.?\s+"
-              r"(?P<name>[^\W\d_]+(?:['’-][^\W\d_]+)*(?:\s+[^\W\d_]+(?:['’-][^\W\d_]+)*)?)", CONTEXTUAL - 1,
+              r"(?P<name>(?:[A-Z]\.\s*)?[^\W\d_]+(?:['’-][^\W\d_]+)*(?:\s+[^\W\d_]+(?:['’-][^\W\d_]+)*)?)", CONTEXTUAL - 1,
               _after_title_check),
         # relatives and contacts named without a possessive: 'lives with daughter Anita', 'son (Tom) visiting'
         _rule(rf"(?i:\b(?:{_KIN_NOUNS})(?:-in-law)?\b)\s*(?:[(,:-]|named|called|is|was)?\s*(?P<name>{_WORD}(?:\s+{_WORD})?)",
@@ -214,11 +214,15 @@ def _name_rules() -> list[_Rule]:
         # a known first name after a verb or preposition that takes a person: 'spoke with Anita', 'for Maria Lopez'
         _rule(rf"(?i:\b(?:spoke|spoken|talked|talking|speaking|met|left\s+(?:a\s+)?(?:message|vm|voicemail))\s+"
               rf"(?:with|to|for)\s+|\b(?:called|call|per|cc:?|contact|contacted|for|with|from|ask\s+for|"
-              rf"asked\s+for|notified|updated|informed|told|paged|messaged|emailed|texted|visited\s+by|and|&|by)\s+)"
+              rf"asked\s+for|notified|updated|informed|told|paged|messaged|emailed|texted|visited\s+by|and|&|by|"
+              rf"call\s+to)\s+)"
               rf"(?P<name>{_WORD}(?:\s+[{_UP}]\.)?(?:\s+{_WORD})?)", CONTEXTUAL - 1, _lexicon_check),
         # 'Lucero, Ana Gabriela', 'MCALLISTER, DOUGLAS J': a surname, a comma and known first names, in any case
         _rule(r"\b(?P<name>[^\W\d_][^\W\d_'’-]+(?:[-'’][^\W\d_]+)?,\s+[^\W\d_]+(?:\s+[^\W\d_]+)?(?:\s+[A-Z]\b\.?)?)",
               CONTEXTUAL - 1, _last_first_check),
+        # a lower-case word no dictionary knows after a person cue: 'spoke to kowalczyk', 'trooper garrity'
+        _rule(rf"(?i:\b(?:(?:spoke|talked|speaking)\s+(?:to|with)|paged|call\s+to|returned\s+call\s+to|"
+              rf"{_ROLE_NOUNS}|{_KIN_NOUNS})\s+)(?P<name>[a-zà-ÿ][a-zà-ÿ'’-]{{2,}})\b", CONTEXTUAL - 2, _unknown_check),
         # anywhere: a known first name and a surname, 'Maria Lopez', 'Tomasz K. Nowak'
         _rule(rf"\b(?P<name>{_WORD}(?:\s+[{_UP}]\.)?\s+{_WORD}(?:-{_WORD})?)", CONTEXTUAL - 2, _lexicon_check),
         _rule(rf"\b(?P<name>{_WORD}\s+[{_UP}]\.)(?=[\s,;)]|$)", CONTEXTUAL - 2, _lexicon_check),  # 'Karen B.'
@@ -250,6 +254,9 @@ def _after_title_check(category: str, match: re.Match, group: str) -> tuple[int,
 
     start = match.start(group)
     words = list(re.finditer(r"[^\W\d_]+(?:['’-][^\W\d_]+)*", match.group(group)))
+    initial = None
+    if len(words) > 1 and len(words[0].group()) == 1:  # 'Dr A. Kline': the initial goes with the name
+        initial, words = words[0], words[1:]
     head = words[0].group()
     if _plain(head) in _STOP or _plain(head) in _NOT_NAMES or (head.islower() and _plain(head) in common_words()):
         return None
@@ -260,7 +267,23 @@ def _after_title_check(category: str, match: re.Match, group: str) -> tuple[int,
         if _plain(second) not in _STOP | _NOT_NAMES and (second[0].isupper() and not second.isupper()
                                                          or _plain(second) in last):
             end = words[1].end()
-    return start + words[0].start(), start + end
+    return start + (initial or words[0]).start(), start + end
+
+
+def _unknown_check(category: str, match: re.Match, group: str) -> tuple[int, int] | None:
+    from medlora.safety.phi_ner import unknown_word
+
+    value = match.group(group)
+    plain = re.sub(r"['’]s$", "", _plain(value))
+    if not value.islower() or plain in _NOT_NAMES or plain in _CLINICAL_WORDS or not unknown_word(plain):
+        return None
+    return match.span(group)
+
+
+_CLINICAL_WORDS = frozenset("prescriber prescribers pgr pager pharmacy team office provider providers physician pt pts "
+                            "patient patients family nurse unit floor desk clinic attending resident fellow intern "
+                            "hospitalist surgeon anesthesia oncology cardiology ortho neuro gi renal pulm icu micu "
+                            "sicu ccu nicu picu ed er or pacu pcp np pa md rn lpn cna rt sw cm".split())
 
 
 def _signature_check(category: str, match: re.Match, group: str) -> tuple[int, int] | None:
@@ -294,7 +317,7 @@ def _last_first_check(category: str, match: re.Match, group: str) -> tuple[int, 
     if given_name not in first and (surname.isupper() or not cued or not unknown_word(given_name) or not
                                     (_plain(surname) in last or unknown_word(_plain(surname)))):
         return None
-    if surname.isupper() and _plain(surname) not in last:
+    if surname.isupper() and _plain(surname) not in last and not cued:
         return None  # 'KRAS, RAF1': gene lists in capitals
     if _plain(surname) in _countries() or _plain(surname) in _NOT_PLACES:
         return None  # 'Africa, Asia'
@@ -419,6 +442,11 @@ def _bare_date_check(category: str, match: re.Match, group: str) -> tuple[int, i
     month, day = (int(v) for v in re.search(r"(\d+)/(\d+)$", match.group(group)).groups())
     before = match.string[max(0, match.start(group) - 20): match.start(group)]
     if day in (2, 3, 4, 8) and month < day and not _DATE_CUE.search(before):
+        return None
+    # a frequency in a list of findings ('Myopia 3/3 Anophthalmia 9/10'): a term on each side, no date word
+    after = match.string[match.end(group): match.end(group) + 20]
+    if month <= day and re.search(r"[A-Za-z]{4,}\s+$", before) and not _DATE_CUE.search(before) and \
+            re.match(r"\s+[A-Z][a-z]{3,}", after) and not re.match(rf"\s+(?:{_MONTH}|{_WEEKDAY})", after):
         return None
     return match.span(group)
 

@@ -84,7 +84,7 @@ heal hold holmes house hunt jewel keen king knight lamb land lord mann means mea
 nash neal new noble norman oak oliver paris parsons pierce pike pool pope post pound rank reed rich ring
 rock rogers root rush salt sage savage sea sharp shaw sherman silva silver spring springs stamp steel
 stern street swift temple thorn tower townsend tree trip tucker vale vance vine wall walls wells wing
-winter wise worth wren york
+wing winter wise worth wren york kidney chin brain colon heart lung liver spine bone skin foot head back
 """.split())
 
 # Surnames that are only eponyms in medical text ('parkinson', 'crohn'): never names on their own
@@ -96,16 +96,17 @@ hodgkin homan homans huntington jakob janeway kaposi kawasaki kernig klinefelter
 lachman lyme marfan mcburney mcmurray meniere niemann noonan ortolani osgood osler paget parkinson peyronie phalen
 prader quincke raynaud reye rinne romberg rovsing schlatter sjogren sjögren snellen stokes tinel tourette traube
 trendelenburg trousseau valsalva virchow wernicke whipple willi wolff swan ganz swan-ganz hickman broviac groshong
-penrose tenckhoff quinton hemovac jackson-pratt ottawa bart
+penrose tenckhoff quinton hemovac jackson-pratt ottawa bart ewing titin
 """.split())
 
 # a name used as an eponym: 'Wilson disease', "Murphy's sign", 'Turner syndrome', 'Bell's palsy'
 _EPONYM_WORDS = (r"(?i:disease|diseases|syndrome|cancer|carcinoma|stones?|failure|cysts?|dysplasia|calcification|"
-                 r"glioma|leukodystrophy|paralysis|paresis|model|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
+                 r"glioma|leukodystrophy|paralysis|paresis|model|type|factor|institute|foundation|dwarfism|"
+                 r"congenital|related|chromosome|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
                  r"criteria|classification|procedure|operation|fracture|reflex|phenomenon|triad|catheter|cyst|ulcer|"
                  r"esophagus|oesophagus|disorder|anomaly|dementia|encephalopathy|aneurysm|contracture|virus|"
                  r"dystrophy|anemia|anaemia|thyroiditis|amaurosis|sequence|complex|ataxia|chorea|neuropathy|"
-                 r"myopathy|deficiency|microphthalmia|hereditary|rules?|respiration|diverticulum|hernia|cells?)\b")
+                 r"myopathy|deficiency|microphthalmia|hereditary|rules?|respiration|diverticulum|hernia)\b")
 # a name used as an eponym: 'Wilson disease', "Murphy's sign", 'Peters plus syndrome', 'Bell's palsy'
 _EPONYM_AFTER = re.compile(rf"^(?:['’]s?)?(?:[-\s]+[\w-]+){{0,3}}?[-\s]+{_EPONYM_WORDS}")
 _EPONYM_INSIDE = re.compile(rf"[-\s]{_EPONYM_WORDS}")
