@@ -529,7 +529,9 @@ _GENERIC_BEFORE_FACILITY = frozenset("the a an at to our your his her their my t
                                      "surgery urgent walk-in primary family internal medical dental eye wound pain "
                                      "sleep fertility infusion dialysis cancer heart women's kids mental behavioral "
                                      "rehab rehabilitation physical therapy psychiatric veterans university teaching "
-                                     "regional main outpatient inpatient specialty free".split())
+                                     "regional main outpatient inpatient specialty free ophthalmology urology failure "
+                                     "ir gastroenterology endocrine endocrinology nephrology pulmonary hematology "
+                                     "rheumatology transplant wound ostomy lipid hypertension".split())
 
 
 def _facility_check(category: str, match: re.Match, group: str) -> tuple[int, int] | None:
@@ -801,7 +803,8 @@ _CLINICAL = [re.compile(p) for p in (
 # 'strength 5/5 except LLE 4/5', 'TOF 4/4', 'CAS 2/7'
 _SCORE_WORD = re.compile(r"(?i)\b(?:pain|strength|power|motor|murmur|tof|train[- ]of[- ]four|cas|score|scores|criteria|"
                          r"scale|grade|graded|apgars?|gcs|nihss|mmse|moca|phq-?9|gad-?7|ext|flex|abd|add|ue|le|rue|"
-                         r"lue|rle|lle|bue|ble|hip|knee|ankle|shoulder|elbow|wrist|grip|dorsiflexion|met)\b")
+                         r"lue|rle|lle|bue|ble|hip|knee|ankle|shoulder|elbow|wrist|grip|dorsiflexion|met|positive|"
+                         r"cores|nodes)\b")
 _SCORE_VALUE = re.compile(r"\b\d{1,2}[+-]?\s*/\s*\d{1,2}\b(?!/\d)")
 
 

@@ -96,13 +96,13 @@ hodgkin homan homans huntington jakob janeway kaposi kawasaki kernig klinefelter
 lachman lyme marfan mcburney mcmurray meniere niemann noonan ortolani osgood osler paget parkinson peyronie phalen
 prader quincke raynaud reye rinne romberg rovsing schlatter sjogren sjögren snellen stokes tinel tourette traube
 trendelenburg trousseau valsalva virchow wernicke whipple willi wolff swan ganz swan-ganz hickman broviac groshong
-penrose tenckhoff quinton hemovac jackson-pratt ottawa bart ewing titin
+penrose tenckhoff quinton hemovac jackson-pratt ottawa bart ewing titin gleason
 """.split())
 
 # a name used as an eponym: 'Wilson disease', "Murphy's sign", 'Turner syndrome', 'Bell's palsy'
 _EPONYM_WORDS = (r"(?i:disease|diseases|syndrome|cancer|carcinoma|stones?|failure|cysts?|dysplasia|calcification|"
                  r"glioma|leukodystrophy|paralysis|paresis|model|type|factor|institute|foundation|dwarfism|"
-                 r"congenital|related|chromosome|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
+                 r"congenital|related|chromosome|biplane|drains?|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
                  r"criteria|classification|procedure|operation|fracture|reflex|phenomenon|triad|catheter|cyst|ulcer|"
                  r"esophagus|oesophagus|disorder|anomaly|dementia|encephalopathy|aneurysm|contracture|virus|"
                  r"dystrophy|anemia|anaemia|thyroiditis|amaurosis|sequence|complex|ataxia|chorea|neuropathy|"
