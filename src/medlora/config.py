@@ -155,6 +155,14 @@ def validate_safety(safety: DictConfig) -> None:
     for code, action in {**(guard.get("categories") or {}), "default": guard.get("default", "refuse")}.items():
         require(action in TRIAGE_ACTIONS, f"safety.triage.guard: {code}={action!r} is invalid: map each guard "
                 f"category to one of {', '.join(TRIAGE_ACTIONS)}.")
+    phi = safety.phi_redaction
+    mode = phi.get("mode", "placeholder")
+    require(mode in ("placeholder", "surrogate"), f"safety.phi_redaction.mode={mode!r} is invalid: use placeholder "
+            "([NAME]) or surrogate (realistic fakes, consistent within a conversation).")
+    workers = phi.get("workers")
+    require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers > 0),
+            f"safety.phi_redaction.workers={workers!r} is invalid: give a positive number of processes, or null "
+            "for one per core.")
     require(safety.content_filter.action in ("drop", "flag"),
             f"safety.content_filter.action={safety.content_filter.action!r} is invalid: use drop or flag.")
     require(safety.output_checks.on_violation in ("block", "rewrite", "refer"),

@@ -300,7 +300,7 @@ def _signature_check(category: str, match: re.Match, group: str) -> tuple[int, i
 
 
 def _last_first_check(category: str, match: re.Match, group: str) -> tuple[int, int] | None:
-    from medlora.safety.phi_ner import common_words, name_lexicon
+    from medlora.safety.phi_ner import common_words, name_lexicon, ordinary, unknown_word
 
     first, last = name_lexicon()
     common = common_words()
@@ -308,7 +308,6 @@ def _last_first_check(category: str, match: re.Match, group: str) -> tuple[int, 
     given_words = given.split()
     if not given_words or not surname[0].isupper():
         return None
-    from medlora.safety.phi_ner import ordinary, unknown_word
     given_name = _plain(given_words[0])
     if _plain(surname) in common or _plain(surname) in _NOT_NAMES or given_name in common or ordinary(given_name):
         return None  # 'Alert, pleasant': a list of words, not a name
