@@ -140,6 +140,7 @@ def _validate_data(d: DictConfig) -> None:
 
 
 TRIAGE_ACTIONS = ("emergency", "crisis", "refuse", "allow")
+PHI_MODES = ("placeholder", "surrogate")
 
 
 def validate_safety(safety: DictConfig) -> None:
@@ -157,7 +158,7 @@ def validate_safety(safety: DictConfig) -> None:
                 f"category to one of {', '.join(TRIAGE_ACTIONS)}.")
     phi = safety.phi_redaction
     mode = phi.get("mode", "placeholder")
-    require(mode in ("placeholder", "surrogate"), f"safety.phi_redaction.mode={mode!r} is invalid: use placeholder "
+    require(mode in PHI_MODES, f"safety.phi_redaction.mode={mode!r} is invalid: use placeholder "
             "([NAME]) or surrogate (realistic fakes, consistent within a conversation).")
     workers = phi.get("workers")
     require(workers is None or (isinstance(workers, int) and not isinstance(workers, bool) and workers > 0),

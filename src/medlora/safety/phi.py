@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from medlora.config import MedloraError
+from medlora.config import PHI_MODES, MedloraError
 
 # LOCATION is a city, town, county or neighbourhood; FACILITY a named hospital, clinic, home, school or employer:
 # Safe Harbor does not name facilities, but most de-identification policies remove them
@@ -530,7 +530,7 @@ _GENERIC_BEFORE_FACILITY = frozenset("the a an at to our your his her their my t
                                      "rehab rehabilitation physical therapy psychiatric veterans university teaching "
                                      "regional main outpatient inpatient specialty free ophthalmology urology failure "
                                      "ir gastroenterology endocrine endocrinology nephrology pulmonary hematology "
-                                     "rheumatology transplant wound ostomy lipid hypertension".split())
+                                     "rheumatology transplant ostomy lipid hypertension".split())
 
 
 def _facility_check(category: str, match: re.Match, group: str) -> tuple[int, int] | None:
@@ -1064,7 +1064,7 @@ class PhiRedactor:
             _WORKER = None
 
 
-MODES = ("placeholder", "surrogate")
+MODES = PHI_MODES
 _PARALLEL_MIN, _CHUNK = 256, 64
 _WORKER: PhiRedactor | None = None
 
