@@ -88,7 +88,7 @@ DEFINITIONS = """\
   optimizer step or a packed row (training.shared_prefix: the system prompt, computed once per
   step or row) are counted in real tok/s once per conversation, but only once in MFU, as computed.
 - **eval loss**: mean cross-entropy per supervised token on {eval_n} held-out conversations, after
-  the epoch, computed by the same code for every setting (medlora.train.evaluate); before
+  the epoch, computed by the same code for every setting (medlora.loss.mean_loss); before
   training it is {before:.4f}.
 """
 
@@ -291,7 +291,7 @@ def _worker(args) -> None:
     from medlora.config import resolve_device, resolve_precision
     from medlora.data import IGNORE, load_conversations, make_loader, tokenize_dataset
     from medlora.model import load_tokenizer, quantization_config, resolve_checkpoint
-    from medlora.train import evaluate
+    from medlora.loss import mean_loss as evaluate
 
     options, folder = json.loads(args.worker), Path(args.work)
     precision = resolve_precision(options["precision"], resolve_device("auto"))

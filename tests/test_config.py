@@ -14,7 +14,8 @@ from medlora import allocator
 from medlora import config as medconfig
 from medlora import data
 from medlora.adapters import add_adapter
-from medlora.model import load_model, quantization_config, resolve_checkpoint, save_atomically
+from medlora.files import save_folder
+from medlora.model import load_model, quantization_config, resolve_checkpoint
 
 GROUPS = {name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
           for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")}
@@ -89,11 +90,11 @@ def test_a_cache_entry_made_twice_keeps_the_first_and_leaves_nothing_behind(tmp_
         return lambda folder: (folder / "config.json").write_text(text)
 
     entry = tmp_path / "models" / "m"
-    assert save_atomically(entry, write("first"), cache_entry="config.json") == entry
-    assert save_atomically(entry, write("second"), cache_entry="config.json") == entry
+    assert save_folder(entry, write("first"), cache_entry="config.json") == entry
+    assert save_folder(entry, write("second"), cache_entry="config.json") == entry
     assert (entry / "config.json").read_text() == "first"
     with pytest.raises(OSError):  # not a cache entry: an existing folder is never replaced
-        save_atomically(entry, write("third"))
+        save_folder(entry, write("third"))
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
 
 

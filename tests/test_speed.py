@@ -14,7 +14,7 @@ from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum
 from medlora.model import DTYPES, _PackedCausalAttention, _plain_causal, load_model, load_tokenizer, resolve_checkpoint
-from medlora.train import _data_key
+from medlora.prepare import data_key as _data_key
 
 
 def _tiny(packed: bool, attn: str = "sdpa"):

@@ -93,7 +93,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medlora import data
-    from medlora.train import evaluate
+    from medlora.loss import mean_loss
 
     base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path,
                                                 dtype=torch.float32)
@@ -103,7 +103,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     examples, _ = data.tokenize_dataset(data.load_conversations(eval_file), tokenizer, prompt, 256, "truncate")
     loader = data.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
     AcceleratorState._reset_state(reset_partial_state=True)  # other tests may have set bf16 in this process
-    return evaluate(model, loader, Accelerator(cpu=True, mixed_precision="no"))["eval_loss"]
+    return mean_loss(model, loader, Accelerator(cpu=True, mixed_precision="no"))["eval_loss"]
 
 
 def test_saved_adapter_reloads_with_the_same_outputs(tiny_run):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from medlora.files import sha256_bytes, sha256_file, sha256_text  # noqa: F401 - infer and evaluate import them from here until they move
 
 GENESIS = "0" * 64
 EVENT_TYPES = ("data_ingest", "phi_redaction", "content_filter", "train_start", "checkpoint", "eval", "train_end",
@@ -30,19 +31,8 @@ def canonical(entry: dict) -> bytes:
 
 
 def entry_hash(entry: dict) -> str:
-    return hashlib.sha256(canonical({k: v for k, v in entry.items() if k != "entry_hash"})).hexdigest()
+    return sha256_bytes(canonical({k: v for k, v in entry.items() if k != "entry_hash"}))
 
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def library_versions() -> dict[str, str]:

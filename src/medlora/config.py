@@ -22,6 +22,11 @@ PREFIX_SCOPES = ("step", "row")
 RANDOM_DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("truncate", "drop")
 LORA_BIAS = ("none", "all", "lora_only")
+# what every training run measures at its end, so what optimized_metric can name without adapter_eval
+# (and which way is better: a grid sweep has no direction of its own; Optuna's hydra.sweeper.direction rules there)
+RUN_METRICS = {"eval_loss": "minimize", "eval_perplexity": "minimize", "train_tokens_per_second": "maximize",
+               "train_supervised_tokens_per_second": "maximize", "train_shared_prefix_fraction": "maximize"}
+_EXAMPLES = {"training.optimizer": "torch.optim.AdamW", "training.scheduler": "transformers.get_scheduler"}
 
 
 def require(ok: bool, message: str) -> None:
@@ -49,12 +54,35 @@ def validate(cfg: DictConfig, libraries: bool = True) -> None:
     _validate_training(cfg.training)
     _validate_data(cfg.data)
     validate_safety(cfg.safety)
+    metric = cfg.get("optimized_metric", "eval_loss")
+    require(metric in RUN_METRICS or cfg.get("adapter_eval") is not None,
+            f"optimized_metric={metric!r} is not a metric of this run: use one of {', '.join(RUN_METRICS)} (or a "
+            "metric that adapter_eval returns).")
+    for key in ("optimizer", "scheduler"):
+        _check_target(cfg.training[key], f"training.{key}", libraries)
     if libraries:
         from transformers import SchedulerType
 
         names = [s.value for s in SchedulerType]
         require(cfg.training.lr_scheduler in names, f"training.lr_scheduler={cfg.training.lr_scheduler!r} is not a "
                 f"transformers scheduler: use one of {', '.join(names)}.")
+
+
+def _check_target(block, key: str, libraries: bool) -> None:
+    """A `_partial_` Hydra target that imports: the recipe calls it with what only it knows (the parameters)."""
+    target = block.get("_target_") if isinstance(block, DictConfig) else None
+    require(isinstance(target, str) and bool(target),
+            f"{key} has no _target_: give one such as {key}._target_={_EXAMPLES[key]}.")
+    require(block.get("_partial_") is True, f"{key}._partial_ must be true: the recipe adds the arguments only it "
+            f"knows. Set {key}._partial_=true.")
+    if libraries:
+        from hydra.utils import get_object
+
+        try:
+            get_object(target)
+        except Exception as err:  # noqa: BLE001 - any import failure is the same fix for the user
+            raise MedloraError(f"{key}._target_={target} cannot be imported ({type(err).__name__}): give a "
+                               f"callable's full dotted path, e.g. {_EXAMPLES[key]}.") from err
 
 
 def validate_model(m: DictConfig) -> None:

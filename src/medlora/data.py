@@ -383,3 +383,9 @@ def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int
                                            collate_fn=functools.partial(collate_packed, share_prefix=share_prefix))
     sampler = LengthGroupedBatches(lengths, batch_size, seed, group_by_length=group_by_length, shuffle=train)
     return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))
+
+
+def to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

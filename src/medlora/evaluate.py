@@ -32,7 +32,7 @@ from medlora.safety.triage import Triage
 from medlora.safety.triage_data import read_rows
 from medlora.safety.triage_eval import measure
 from medlora.tracking import experiment_id, flatten, ui_url
-from medlora.train import evaluate as mean_loss
+from medlora.loss import mean_loss
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, info) -> dict[str, float]:
              precision, device)
 
     metrics = _perplexities(cfg, model, tokenizer, medical, general, _accelerator(device, precision))
-    model.eval()  # medlora.train.evaluate hands the model back in train mode (dropout on)
+    model.eval()  # mean_loss hands the model back in train mode (dropout on)
     table_rows = _sample(medical, cfg.evaluation.generations, cfg.seed)
     asked = [{"id": f"medical-{i}", "messages": [{"role": "user", "content": _first_user(m)}]} for i, m in table_rows]
     offset = len(asked)

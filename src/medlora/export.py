@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from medlora.audit import AuditTrail, sha256_file
 from medlora.config import require
 from medlora.infer import Source, load_adapter_model
-from medlora.model import save_atomically
+from medlora.files import save_folder as save_atomically
 from medlora.tracking import experiment_id
 
 log = logging.getLogger(__name__)

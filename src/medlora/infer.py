@@ -32,7 +32,8 @@ from medlora import data as medata
 from medlora.audit import AuditTrail, sha256_file, sha256_text
 from medlora.config import (MedloraError, require, require_positive, resolve_device, resolve_precision, validate_model,
                             validate_safety)
-from medlora.model import load_model, load_tokenizer, resolve_checkpoint, save_atomically
+from medlora.files import save_folder as save_atomically
+from medlora.model import load_model, load_tokenizer, resolve_checkpoint
 from medlora.tracking import git_commit
 
 log = logging.getLogger(__name__)

@@ -11,10 +11,11 @@ no more than one chunk of logits is ever alive. The maths is the same cross-entr
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
-from medlora.data import IGNORE
+from medlora.data import IGNORE, to_device
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +112,21 @@ def loss_sum(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
     hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][supervised]
     head = base.get_output_embeddings()
     return chunked_cross_entropy(hidden, head.weight, targets[supervised]), count
+
+
+@torch.no_grad()
+def mean_loss(model, loader, accelerator, chunked: bool = False) -> dict[str, float]:
+    """Token-weighted mean loss over every supervised token of `loader`, and its perplexity.
+
+    Hands the model back in train mode: the training loop calls it between steps.
+    """
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        with accelerator.autocast():
+            summed, n = loss_sum(model, to_device(batch, accelerator.device), chunked)
+        total += summed.float().item()
+        count += n
+    model.train()
+    mean = total / count
+    return {"eval_loss": mean, "eval_perplexity": math.exp(mean)}

@@ -6,13 +6,9 @@ base model that loads again later.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from medlora.config import MedloraError
+from medlora.files import save_folder, sha256_file, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -44,39 +41,10 @@ def find_gguf(spec: str) -> Path:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def save_atomically(target: Path, save, cache_entry: str | None = None) -> Path:
-    """Write into a temporary sibling folder and rename it, so a crash never leaves half a checkpoint.
-
-    `cache_entry`: the file that marks `target` complete when it is a cache entry. Parallel jobs
-    (a sweep's, the test workers) may fill the same entry at once; the first one's is kept.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared folder
-    try:
-        save(tmp)
-        os.replace(tmp, target)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # renaming onto a folder that is not empty fails: another job got there first
-        if isinstance(err, OSError) and cache_entry and (target / cache_entry).is_file():
-            return target
-        raise
-    return target
-
-
 def dequantized_gguf(spec: str, cache_dir: str) -> Path:
     """Dequantize a GGUF once into a safetensors checkpoint, cached by the file's SHA-256."""
     gguf = find_gguf(spec)
-    target = Path(cache_dir) / "models" / f"{gguf.stem}-{_sha256(gguf)[:16]}"
+    target = Path(cache_dir) / "models" / f"{gguf.stem}-{sha256_file(gguf)[:16]}"
     if (target / "config.json").is_file():
         return target
     log.info("Dequantizing %s once into %s (later runs load the cached checkpoint)", gguf, target)
@@ -91,7 +59,7 @@ def dequantized_gguf(spec: str, cache_dir: str) -> Path:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return save_atomically(target, save, cache_entry="config.json")
+    return save_folder(target, save, cache_entry="config.json")
 
 
 def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str, seed: int) -> Path:
@@ -101,7 +69,7 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
     # a larger vocabulary than the tokenizer's stays: its size is part of the model being stood in for
     arch.update(vocab_size=max(arch.get("vocab_size", 0), len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    key = hashlib.sha256(json.dumps([arch, seed, str(tokenizer_path)], sort_keys=True).encode()).hexdigest()
+    key = sha256_text(json.dumps([arch, seed, str(tokenizer_path)], sort_keys=True))
     target = Path(cache_dir) / "models" / f"{model_cfg.base_model}-{key[:16]}"
     if (target / "config.json").is_file():
         return target
@@ -113,7 +81,7 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
         AutoModelForCausalLM.from_config(config, dtype=dtype).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    return save_atomically(target, save, cache_entry="config.json")
+    return save_folder(target, save, cache_entry="config.json")
 
 
 def resolve_checkpoint(model_cfg: DictConfig, cache_dir: str, seed: int) -> tuple[str, str]:

@@ -22,7 +22,6 @@ from medlora.config import MedloraError
 
 log = logging.getLogger(__name__)
 
-METRIC = "eval_loss"  # what train.py's main() returns and both sweepers minimise
 SPACE_TAG = "search_space."  # parent tag per swept key: `search_space.lora.rank` = "8,16,32"
 TRIAL_TAG = "optuna.trial_number"
 
@@ -69,13 +68,15 @@ def swept_values(children: pd.DataFrame, keys: list[str], parse: bool = True) ->
     return frame.map(_number) if parse else frame
 
 
-def best_run(children: pd.DataFrame, metric: str = METRIC):
-    """The finished child with the lowest metric, or None when no child finished."""
+def best_run(children: pd.DataFrame, metric: str = "eval_loss", minimize: bool = True):
+    """The finished child with the lowest metric (highest unless `minimize`), or None when no child finished."""
     column = f"metrics.{metric}"
     if column not in children:
         return None
     done = children[(children["status"] == "FINISHED") & children[column].notna()]
-    return None if done.empty else done.loc[done[column].idxmin()]
+    if done.empty:
+        return None
+    return done.loc[done[column].idxmin() if minimize else done[column].idxmax()]
 
 
 def overrides_of(children: pd.DataFrame, index, keys: list[str]) -> str:
@@ -84,12 +85,13 @@ def overrides_of(children: pd.DataFrame, index, keys: list[str]) -> str:
     return " ".join(f"{key}={values.at[index, key]}" for key in keys)
 
 
-def plot_metric_vs_params(children: pd.DataFrame, keys: list[str], metric: str = METRIC) -> Figure:
+def plot_metric_vs_params(children: pd.DataFrame, keys: list[str], metric: str = "eval_loss",
+                          minimize: bool = True) -> Figure:
     """One panel per swept key: every finished child's final metric against its value there;
     the best child is the red star."""
     values = swept_values(children, keys)
     scores = children.get(f"metrics.{metric}", pd.Series(math.nan, index=children.index))
-    best = best_run(children, metric)
+    best = best_run(children, metric, minimize)
     fig = Figure(figsize=(4 * max(len(keys), 1), 3.4), layout="constrained")
     FigureCanvasAgg(fig)
     for ax, key in zip(fig.subplots(1, max(len(keys), 1), squeeze=False)[0], keys):
@@ -141,7 +143,8 @@ def curve_labels(children: pd.DataFrame, keys: list[str]) -> pd.Series:
     return pd.Series([label(i) for i in children.index], index=children.index)
 
 
-def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: str) -> dict | None:
+def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: str, metric: str = "eval_loss",
+              minimize: bool = True) -> dict | None:
     """Put the best job, a results table and the plots on the parent run; return the best job's record."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
@@ -151,16 +154,16 @@ def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: s
     if children.empty:
         return None
     values = swept_values(children, keys, parse=False)
-    best = best_run(children)
+    best = best_run(children, metric, minimize)
     with tempfile.TemporaryDirectory() as tmp:
-        extra = children.reindex(columns=[f"tags.{TRIAL_TAG}", f"metrics.{METRIC}"]).dropna(axis=1, how="all")
+        extra = children.reindex(columns=[f"tags.{TRIAL_TAG}", f"metrics.{metric}"]).dropna(axis=1, how="all")
         table = pd.concat([children[["run_id", "status"]], values,
-                           extra.rename(columns={f"tags.{TRIAL_TAG}": "trial", f"metrics.{METRIC}": METRIC})], axis=1)
+                           extra.rename(columns={f"tags.{TRIAL_TAG}": "trial", f"metrics.{metric}": metric})], axis=1)
         table.to_csv(Path(tmp) / "sweep_results.csv", index=False)
         client.log_artifact(parent_id, str(Path(tmp) / "sweep_results.csv"))
         plots = Path(tmp) / "plots"
         plots.mkdir()
-        plot_metric_vs_params(children, keys).savefig(plots / f"{METRIC}_vs_params.png", dpi=110)
+        plot_metric_vs_params(children, keys, metric, minimize).savefig(plots / f"{metric}_vs_params.png", dpi=110)
         labels = curve_labels(children, keys)
         curves = [(labels[i], client.get_metric_history(children.at[i, "run_id"], "train_loss")) for i in children.index]
         plot_curves(curves, best=labels[best.name] if best is not None else None).savefig(plots / "train_loss.png", dpi=110)
@@ -175,8 +178,8 @@ def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: s
         record["best_trial_number"] = best[f"tags.{TRIAL_TAG}"]
     for key, value in record.items():
         client.set_tag(parent_id, key, value)
-    client.log_metric(parent_id, f"best_{METRIC}", float(best[f"metrics.{METRIC}"]))
-    return {**record, f"best_{METRIC}": float(best[f"metrics.{METRIC}"])}
+    client.log_metric(parent_id, f"best_{metric}", float(best[f"metrics.{metric}"]))
+    return {**record, f"best_{metric}": float(best[f"metrics.{metric}"])}
 
 
 def log_search_space(client, parent_id: str, space: dict[str, str], sweeper: dict) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from medlora.config import MedloraError
+from medlora.config import RUN_METRICS, MedloraError
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,10 @@ class MlflowSweepCallback(Callback):
         run_id = (_sweep_parent(client, exp_id, sweep_dir)
                   or _start_parent(client, exp_id, sweep_dir, list(config.hydra.overrides.task)))
         space = search_space(config.hydra.overrides.task, sweeper.get("params"))
-        self.parent = _SweepParent(client, exp_id, run_id, sweep_dir, list(space), ui_url(config.tracking, exp_id, run_id))
+        metric = config.get("optimized_metric", "eval_loss")
+        direction = str(sweeper.direction) if optuna else RUN_METRICS.get(metric, "minimize")
+        self.parent = _SweepParent(client, exp_id, run_id, sweep_dir, list(space), ui_url(config.tracking, exp_id, run_id),
+                                   metric, direction != "maximize")
         described = {"sweeper": config.hydra.runtime.choices.get("hydra/sweeper", "basic")}
         if optuna:
             described.update({key: str(sweeper[key]) for key in ("study_name", "storage", "direction", "n_trials")},
@@ -246,6 +249,8 @@ class _SweepParent:
     sweep_dir: str
     keys: list[str]
     url: str
+    metric: str = "eval_loss"
+    minimize: bool = True
 
     def job_run(self, output_dir: str) -> str | None:
         """The child run of the job that wrote to `output_dir` (the latest, if a sweep folder was reused)."""
@@ -256,18 +261,18 @@ class _SweepParent:
         return runs[0].info.run_id if runs else None
 
     def summarize(self) -> None:
-        from medlora.sweep import METRIC, summarize
+        from medlora.sweep import summarize
 
         try:
-            best = summarize(self.client, self.exp_id, self.run_id, self.keys, self.sweep_dir)
+            best = summarize(self.client, self.exp_id, self.run_id, self.keys, self.sweep_dir, self.metric, self.minimize)
         except Exception as err:  # a summary that fails must not keep the parent open
             log.warning("could not summarise the sweep on its MLflow run %s: %s", self.url, err)
             return
         if best is None:
             log.warning("sweep: no job finished; parent run %s", self.url)
             return
-        log.info("sweep: best %s %.4f with %s (run %s); results and plots on the parent run %s", METRIC,
-                 best[f"best_{METRIC}"], best["best_overrides"] or "the base config", best["best_run_id"], self.url)
+        log.info("sweep: best %s %.4f with %s (run %s); results and plots on the parent run %s", self.metric,
+                 best[f"best_{self.metric}"], best["best_overrides"] or "the base config", best["best_run_id"], self.url)
 
 
 def _exit_on_user_error(step) -> None:

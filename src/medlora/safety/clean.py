@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.safety.content import filter_conversations
+from medlora.files import sha256_text
 from medlora.safety.phi import PhiRedactor
 
 
@@ -45,7 +45,7 @@ def clean_conversations(conversations: list[list[dict]], safety: DictConfig) -> 
         redactor = PhiRedactor.from_config(settings)
         report.phi_mode = redactor.mode
         if redactor.mode == "surrogate":
-            report.surrogate_seed_sha256 = hashlib.sha256(str(redactor.seed).encode()).hexdigest()
+            report.surrogate_seed_sha256 = sha256_text(str(redactor.seed))
         redacted = []
         for clean, counts in redactor.redact_conversations(conversations):
             report.phi.update(counts)

@@ -14,16 +14,14 @@ user can fix exits with status 2 and one message on stderr. The report holds cou
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from medlora.config import MedloraError
 from medlora.data import read_jsonl, to_messages
+from medlora.files import sha256_bytes, write_files
 from medlora.safety.content import ACTIONS, RULES, classify_conversation, filter_conversations
 from medlora.safety.phi import CATEGORIES, MODES, PhiRedactor
 from medlora.safety.settings import medical_defaults
@@ -89,13 +87,13 @@ def run(args: argparse.Namespace) -> dict:
     output = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
     report = {
         "input": str(source), "output": str(out),
-        "input_sha256": _sha256(source.read_bytes()), "output_sha256": _sha256(output),
+        "input_sha256": sha256_bytes(source.read_bytes()), "output_sha256": sha256_bytes(output),
         "conversations": {"in": len(records), "out": len(kept), "dropped": len(records) - len(kept),
                           "flagged": len(flagged), "redacted": redacted},
         "content_action": args.content_action,
         "phi_categories": sorted(redactor.categories),
         "phi_mode": redactor.mode, "ner_model": redactor.ner.model if redactor.ner else None,
-        "surrogate_seed_sha256": _sha256(str(redactor.seed).encode()) if redactor.mode == "surrogate" else None,
+        "surrogate_seed_sha256": sha256_bytes(str(redactor.seed).encode()) if redactor.mode == "surrogate" else None,
         "phi": {category: phi[category] for category in CATEGORIES},
         "phi_total": sum(phi.values()),
         "content": {rule: content[rule] for rule in RULES},
@@ -104,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
     writes = {out: output}
     if args.report:
         writes[Path(args.report)] = (json.dumps(report, indent=2) + "\n").encode("utf-8")
-    _write_all_atomically(writes)
+    write_files(writes)
     return report
 
 
@@ -185,55 +183,6 @@ def _redact_fields(value, redactor: PhiRedactor, spans: dict, position: int, cou
             result.append(redacted)
         return result, position
     return value, position
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _write_all_atomically(writes: dict[Path, bytes]) -> None:
-    """Stage every file first, then move them all into place: one unwritable target leaves nothing written."""
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in writes.items():
-            staged.append((_stage(path, data), path))
-        for temp, path in staged:
-            os.replace(temp, path)
-    finally:
-        for temp, _ in staged:
-            if os.path.exists(temp):
-                os.unlink(temp)
-
-
-def _stage(path: Path, data: bytes) -> str:
-    """Write `data` to a temporary file in `path`'s folder (same filesystem, so os.replace is atomic)."""
-    if path.is_dir():
-        raise MedloraError(f"cannot write {path}: it is a folder. Give a file path.")
-    try:
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise MedloraError(f"cannot write {path}: {err.strerror}. Choose an existing folder you can write to.") from err
-    try:
-        os.chmod(temp, _file_mode(path))  # mkstemp makes 0600 files; keep the mode a plain write would give
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes reach the disk before the rename makes them the file
-    except OSError as err:
-        os.unlink(temp)
-        raise MedloraError(f"cannot write {path}: {err.strerror}. Free some space or choose another folder.") from err
-    except BaseException:
-        os.unlink(temp)
-        raise
-    return temp
-
-
-def _file_mode(path: Path) -> int:
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 if __name__ == "__main__":

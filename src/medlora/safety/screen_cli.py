@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
 
 from medlora.config import MedloraError
 from medlora.data import read_jsonl
+from medlora.files import write_file
 from medlora.safety.settings import ROOT, medical_defaults
 from medlora.safety.triage import Decision, Triage
 from medlora.safety.triage_eval import measure
@@ -94,23 +93,6 @@ def read_prompts(path: Path) -> list[tuple[object, list[dict], str | None]]:
     return prompts
 
 
-def write_atomic(path: Path, lines: Iterable[str]) -> None:
-    """Write to a temp file in the same folder, then rename: readers see the old file or the whole new one."""
-    temp = None
-    try:
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False) as handle:
-            temp = Path(handle.name)
-            handle.writelines(lines)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if temp is not None:
-            temp.unlink(missing_ok=True)
-        raise
-
-
 def _check_output(path: Path, source: Path) -> None:
     if not path.parent.is_dir():
         raise ScreenError(f"--out {path}: folder {path.parent} does not exist: create it or choose another path.")
@@ -146,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     found = triage.check_many([conversation for _, conversation, _ in prompts])
     decisions = [(prompt_id, decision) for (prompt_id, _, _), decision in zip(prompts, found)]
-    write_atomic(target, (_row(prompt_id, d) for prompt_id, d in decisions))
+    try:
+        write_file(target, "".join(_row(prompt_id, d) for prompt_id, d in decisions))
+    except MedloraError as err:  # the disk filled or the folder went away while screening
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     counts = Counter(d.action for _, d in decisions)
     summary = ", ".join(f"{counts[a]} {a}" for a in ("emergency", "crisis", "refuse", "allow"))
     print(f"screened {len(decisions)} prompts ({summary}) -> {target}")

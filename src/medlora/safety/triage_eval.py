@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medlora.audit import sha256_file
+from medlora.files import sha256_file
 from medlora.safety.triage import Triage
 from medlora.safety.triage_data import read_rows
 from medlora.safety.triage_model import FLAGGED, LABELS, MANIFEST, WEIGHTS, TriageModel

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medlora.audit import sha256_file
+from medlora.files import sha256_file
 from medlora.config import MedloraError
 
 log = logging.getLogger(__name__)
