@@ -5,7 +5,7 @@ from medlora.cli import exit_on_user_error, run_info  # first: sets the project 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from medlora.infer import run  # noqa: E402
+from medlora.infer.session import run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="infer")

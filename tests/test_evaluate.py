@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_infer import forget_download
 
 from medlora.config import MedloraError
-from medlora.infer import Reply
+from medlora.infer.assistant import Reply
 from medlora.cli import RunInfo
 
 QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),

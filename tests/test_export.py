@@ -84,7 +84,7 @@ def test_a_4bit_adapter_merges_into_unquantized_weights(adapter, merged, tmp_pat
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
-    from medlora.infer import run
+    from medlora.infer.session import run
 
     overrides = [f"adapter={adapter['dir']}", "model.quantization=4bit", f"export.merged_dir={tmp_path}/merged",
                  "tracking=none"]
@@ -98,7 +98,7 @@ def test_a_4bit_adapter_merges_into_unquantized_weights(adapter, merged, tmp_pat
 
 
 def test_export_never_overwrites_a_folder(adapter, merged):
-    from medlora.infer import run
+    from medlora.infer.session import run
 
     overrides = [f"adapter={adapter['dir']}", f"export.merged_dir={merged}/merged", "tracking=none"]
     with pytest.raises(MedloraError, match="already exists"):
@@ -110,7 +110,7 @@ def test_adapter_logs_to_mlflow_as_a_peft_model_and_registers(adapter, tmp_path)
     import mlflow
     from mlflow import MlflowClient
 
-    from medlora.infer import run
+    from medlora.infer.session import run
 
     overrides = [f"run_id={adapter['run_id']}", f"tracking.uri={adapter['uri']}", "export.log_model=true",
                  "export.registered_model_name=medlora-tiny"]

@@ -80,7 +80,9 @@ def adapter(tmp_path_factory):
 @pytest.fixture(scope="module")
 def assistant(adapter, tmp_path_factory):
     """The in-process pipeline: the same objects infer.py builds, with the audit trail in a temp folder."""
-    from medlora.infer import Assistant, Source, load_adapter_model, open_audit
+    from medlora.infer.assistant import Assistant
+    from medlora.infer.session import open_audit
+    from medlora.infer.sources import Source, load_adapter_model
 
     cfg = compose("infer", ["model=tiny_random", *FAST, "inference.batch_size=2"])
     source = Source(adapter["dir"])
@@ -146,7 +148,7 @@ def test_raw_text_reaches_the_audit_only_when_asked(assistant, monkeypatch):
 
 def test_streaming_never_shows_a_sentence_the_output_checks_remove():
     """The stream holds back to the last sentence that passed; the rest comes from the checked reply."""
-    from medlora.infer import SafetyLayer, _ReleaseGate
+    from medlora.infer.assistant import SafetyLayer, _ReleaseGate
 
     safety = SafetyLayer(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml"))
     shown = []
@@ -251,7 +253,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_is_refused_before_anything_is_written(adapter, tmp_path, case):
-    from medlora.infer import run
+    from medlora.infer.session import run
 
     overrides, message = BAD[case]
     overrides = [*overrides(adapter, tmp_path), f"output={tmp_path}/responses.jsonl"]

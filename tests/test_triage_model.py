@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from medlora.safety.settings import medical_defaults
 from medlora.safety.triage import Triage
 from medlora.safety.triage_eval import choose_thresholds, measure
-from medlora.safety.triage_model import (LABELS, MANIFEST, WEIGHTS, GuardModel, TriageModelError, resolve_spec,
+from medlora.safety.triage_model import (LABELS, MANIFEST, WEIGHTS, GuardModel, resolve_spec,
                                          transcript)
 
 SHIPPED = ROOT / "src" / "medlora" / "safety" / "triage_adapter"

@@ -18,7 +18,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from medlora.files import sha256_bytes, sha256_file, sha256_text  # noqa: F401 - infer and evaluate import them from here until they move
+from medlora.files import sha256_bytes
 
 GENESIS = "0" * 64
 EVENT_TYPES = ("data_ingest", "phi_redaction", "content_filter", "train_start", "checkpoint", "eval", "train_end",

@@ -23,16 +23,17 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from medlora import data as medata
-from medlora.audit import sha256_file
 from medlora.config import require, resolve_device, resolve_precision
-from medlora.infer import (Assistant, Reply, describe_run, find_source, load_adapter_model, merged_for_speed,
-                           open_audit, use_training_config, validate, write_jsonl_atomically)
+from medlora.files import sha256_file, write_jsonl
+from medlora.infer.assistant import Assistant, Reply
+from medlora.infer.session import describe_run, merged_for_speed, open_audit, validate
+from medlora.infer.sources import find_source, load_adapter_model, use_training_config
 from medlora.safety.clean import clean_conversations
 from medlora.safety.triage import Triage
 from medlora.safety.triage_data import read_rows
 from medlora.safety.triage_eval import measure
-from medlora.tracking import experiment_id, flatten, ui_url
 from medlora.loss import mean_loss
+from medlora.tracking import experiment_id, flatten, ui_url
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ def _report(metrics: dict[str, float], set_sizes: dict[str, int]) -> None:
 
 
 def _save(output_dir: Path, metrics: dict[str, float], table: dict[str, list]) -> None:
-    write_jsonl_atomically(output_dir / "generations.jsonl",
+    write_jsonl(output_dir / "generations.jsonl",
                            [dict(zip(table, values)) for values in zip(*table.values())])
     (output_dir / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     log.info("report written to %s", output_dir / "evaluation.json")

@@ -562,7 +562,7 @@ def _address_rules() -> list[_Rule]:
         _rule(rf"\b(?P<address>{lower})", PATTERN),
         _rule(rf"\b[A-Za-z]+,?\s+{_STATE_ABBR}\.?\s+(?P<zip>{_ZIP})\b", PATTERN),
         _rule(rf"\b(?P<address>{street}{city_state})(?:,?\s+(?P<zip>{_ZIP})\b)?", PATTERN),
-        _rule(rf"(?i:\b(?P<address>p\.?\s?o\.?\s+box\s+\d{{1,6}}))\b", KEYED),
+        _rule(r"(?i:\b(?P<address>p\.?\s?o\.?\s+box\s+\d{1,6}))\b", KEYED),
         # US military mail: 'PSC 1234, Box 5678, APO AA 34001'
         _rule(r"\b(?P<address>(?:PSC|CMR|Unit)\s+\d{3,5},?\s+Box\s+\d{1,5}(?:,?\s+(?:APO|FPO|DPO)\s+A[AEP])?)"
               r"(?:,?\s+(?P<zip>\d{5}(?:-\d{4})?)\b)?", KEYED),

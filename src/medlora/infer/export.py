@@ -12,10 +12,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from medlora.audit import AuditTrail, sha256_file
+from medlora.audit import AuditTrail
 from medlora.config import require
-from medlora.infer import Source, load_adapter_model
-from medlora.files import save_folder as save_atomically
+from medlora.files import folder_hashes, save_folder
+from medlora.infer.sources import Source, load_adapter_model
 from medlora.tracking import experiment_id
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def export(cfg: DictConfig, source: Source, audit: AuditTrail | None) -> None:
     if cfg.export.merged_dir:
         folder = save_merged(model, tokenizer, Path(cfg.export.merged_dir), cfg, source)
         if audit is not None:
-            hashes = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+            hashes = folder_hashes(folder)
             audit.record("adapter_export", outputs=hashes, merged_dir=str(folder.resolve()),
                          precision=cfg.export.precision)
 
@@ -79,7 +79,7 @@ def save_merged(model, tokenizer, target: Path, cfg: DictConfig, source: Source)
         tokenizer.save_pretrained(folder)  # with the chat template the adapter was trained with
         (folder / "README.md").write_text(card)
 
-    save_atomically(target, save)
+    save_folder(target, save)
     log.info("merged checkpoint saved to %s", target)
     return target
 
