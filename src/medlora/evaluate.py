@@ -14,7 +14,6 @@ import json
 import logging
 import random
 import re
-import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -33,7 +32,7 @@ from medlora.safety.triage import Triage
 from medlora.safety.triage_data import read_rows
 from medlora.safety.triage_eval import measure
 from medlora.loss import mean_loss
-from medlora.tracking import experiment_id, flatten, ui_url
+from medlora.tracking import Tracker, experiment_id, flatten
 
 log = logging.getLogger(__name__)
 
@@ -329,28 +328,19 @@ def _save(output_dir: Path, metrics: dict[str, float], table: dict[str, list]) -
 def _log_to_mlflow(cfg: DictConfig, source, metrics: dict[str, float], table: dict[str, list],
                    output_dir: Path) -> None:
     """A new eval run, nested under the adapter's training run when there is one, with metrics, params and the table."""
-    if not cfg.tracking.enabled:
+    tracker = Tracker(cfg)
+    if not tracker.enabled:
         return
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    exp = client.get_run(source.run_id).info.experiment_id if source.run_id else experiment_id(cfg.tracking)
-    tags = {"medlora.role": "evaluation", "medlora.adapter_dir": str(source.adapter_dir),
-            "model": str(cfg.model.base_model)}
+    tags = {"medlora.role": "evaluation", "medlora.adapter_dir": str(source.adapter_dir)}
     if source.run_id:
-        tags |= {"mlflow.parentRunId": source.run_id, "medlora.evaluated_run": source.run_id}
-    name = f"eval-{source.run_id[:8] if source.run_id else source.adapter_dir.parent.name}"
-    run_id = client.create_run(exp, run_name=name, tags=tags).info.run_id
+        tags["medlora.evaluated_run"] = source.run_id
+    tracker.start_beside(f"eval-{source.run_id[:8] if source.run_id else source.adapter_dir.parent.name}", tags,
+                         parent_run_id=source.run_id)
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("evaluation", "inference", "model")}
-    params = [Param(k, v) for k, v in flatten(OmegaConf.create(settings)).items()]
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()], params=params)
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    mlflow.log_table(data=table, artifact_file="generations.json", run_id=run_id)
+    tracker.log_params(flatten(OmegaConf.create(settings)))
+    tracker.log_metrics(metrics, step=0)
+    tracker.log_table(table, "generations.json")
     for name in ("evaluation.json", "audit.jsonl"):
-        if (output_dir / name).is_file():
-            client.log_artifact(run_id, str(output_dir / name))
-    client.set_terminated(run_id, "FINISHED")
-    log.info("MLflow eval run: %s", ui_url(cfg.tracking, exp, run_id))
+        tracker.log_artifact(output_dir / name)
+    tracker.finish()
+    log.info("MLflow eval run: %s", tracker.url)

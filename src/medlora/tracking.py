@@ -122,9 +122,34 @@ class Tracker:
                 self.client, exp_id, sweep_dir, overrides)
             all_tags["mlflow.parentRunId"] = parent
         name = tracking.run_name or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
-        self.run_id = self.client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
-        self.url = ui_url(tracking, exp_id, self.run_id)
+        self._create(exp_id, name, all_tags)
         self.log_params(flatten(self.cfg))
+
+    def start_beside(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
+        """A run of another kind (an evaluation, an export): nested under `parent_run_id` and in its
+        experiment when there is one, else in the configured experiment."""
+        if not self.enabled:
+            return
+        self.client = _client(self.cfg.tracking)
+        if parent_run_id:
+            exp_id = self.client.get_run(parent_run_id).info.experiment_id
+            tags = {**tags, "mlflow.parentRunId": parent_run_id}
+        else:
+            exp_id = experiment_id(self.cfg.tracking)
+        self._create(exp_id, name, {"git_commit": git_commit(self.cfg.paths.root_dir), "host": socket.gethostname(),
+                                    "model": str(self.cfg.model.base_model), **tags})
+
+    def attach(self, run_id: str) -> None:
+        """Write into an existing run (an export logs its model beside the adapter's training metrics)."""
+        if not self.enabled:
+            return
+        self.client = _client(self.cfg.tracking)
+        self.run_id = run_id
+        self.url = ui_url(self.cfg.tracking, self.client.get_run(run_id).info.experiment_id, run_id)
+
+    def _create(self, exp_id: str, name: str, tags: dict[str, str]) -> None:
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        self.url = ui_url(self.cfg.tracking, exp_id, self.run_id)
 
     def log_params(self, params: dict) -> None:
         if not self.enabled:
@@ -156,6 +181,26 @@ class Tracker:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_table(self, table: dict[str, list], artifact_file: str) -> None:
+        """A table the MLflow UI can compare across runs (Evaluation tab)."""
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.tracking.uri)
+            mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
+
+    def log_model(self, model, tokenizer, **kwargs) -> str | None:
+        """The model with MLflow's transformers flavor into this run; returns its model URI."""
+        if not self.enabled:
+            return None
+        import mlflow
+
+        mlflow.set_tracking_uri(self.cfg.tracking.uri)
+        # the flavour logs into the active fluent run; resuming ours keeps the client's run the one written
+        with mlflow.start_run(run_id=self.run_id, log_system_metrics=False):
+            info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, **kwargs)
+        return info.model_uri
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.enabled and self.run_id:

@@ -16,7 +16,7 @@ from medlora.audit import AuditTrail
 from medlora.config import require
 from medlora.files import folder_hashes, save_folder
 from medlora.infer.sources import Source, load_adapter_model
-from medlora.tracking import experiment_id
+from medlora.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +90,24 @@ def log_model(cfg: DictConfig, model, tokenizer, base_path: str, source: Source)
     MLflow saves only the peft adapter and records the base model: as a local folder
     (`local_base_model_path`, no Hub access needed) or, for a Hub id, as the repository and commit.
     """
-    import mlflow
-
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    local_base = str(base_path) if Path(base_path).is_dir() else None
+    tracker = Tracker(cfg)
     # the adapter's own training run when it came from one, so the model sits beside its metrics
-    run = (mlflow.start_run(run_id=source.run_id) if source.run_id else
-           mlflow.start_run(experiment_id=experiment_id(cfg.tracking),
-                            run_name=f"export-{source.adapter_dir.parent.name}",
-                            tags={"medlora.role": "export", "medlora.adapter_dir": str(source.adapter_dir)}))
-    with run:
-        info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
-            base_model_path=local_base, registered_model_name=cfg.export.registered_model_name or None,
-            metadata={"base_model": str(cfg.model.base_model), "base_model_path": str(base_path)},
-            pip_requirements=_requirements())
+    if source.run_id:
+        tracker.attach(source.run_id)
+    else:
+        tracker.start_beside(f"export-{source.adapter_dir.parent.name}",
+                             {"medlora.role": "export", "medlora.adapter_dir": str(source.adapter_dir)})
+    local_base = str(base_path) if Path(base_path).is_dir() else None
+    uri = tracker.log_model(
+        model, tokenizer, name="model", task="text-generation", base_model_path=local_base,
+        registered_model_name=cfg.export.registered_model_name or None,
+        metadata={"base_model": str(cfg.model.base_model), "base_model_path": str(base_path)},
+        pip_requirements=_requirements())
+    tracker.finish()
     registered = cfg.export.registered_model_name
-    log.info("adapter logged to MLflow as %s%s (base model %s)", info.model_uri,
+    log.info("adapter logged to MLflow as %s%s (base model %s)", uri,
              f", registered as {registered}" if registered else "", base_path)
-    return info.model_uri
+    return uri
 
 
 def _requirements() -> list[str]:
