@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medlora-installed
 ARGS ?=
 
-.PHONY: install train test test-fast ui infer evaluate safety-model clean
+.PHONY: install train lint format test test-fast ui infer evaluate safety-model clean
 
 install: $(STAMP)
 
@@ -35,12 +35,22 @@ evaluate: $(STAMP)
 safety-model: $(STAMP)
 	$(PY) -m medlora.safety build-model $(ARGS)
 
-# one pytest worker per core; a test file's tests stay together, so its shared fixtures are made once
-test: $(STAMP)
+# ruff's lint and format checks (settings in pyproject.toml); `make format` applies both fixes
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# lint first (seconds), then one pytest worker per core; a test file's tests stay together, so its
+# shared fixtures are made once
+test: lint
 	$(PY) -m pytest -q -n auto --dist loadscope $(ARGS)
 
 # skips the tests marked slow (the real embedded model, multi-job sweeps)
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow" $(ARGS)
 
 # the MLflow UI over the same store that train.py writes to

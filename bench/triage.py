@@ -112,8 +112,8 @@ def main() -> int:
         messages, tokens = _conversation_of_tokens(model, val, target)
         results["latency"][str(target)] = {
             "tokens": tokens, "turns": len(messages),
-            "rules_and_model": _latency(lambda: triage.check_messages(messages), args.repeats),
-            "rules": _latency(lambda: rules.check_messages(messages), args.repeats)}
+            "rules_and_model": _latency(lambda m=messages: triage.check_messages(m), args.repeats),
+            "rules": _latency(lambda m=messages: rules.check_messages(m), args.repeats)}
 
     prompts, source = _prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:

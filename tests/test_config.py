@@ -136,6 +136,12 @@ def test_medquad_experiment_points_at_shared_data():
     ("training.lr_scheduler=warp", "is not a transformers scheduler"), ("training.overlong=cut", "truncate or drop"),
     ("training.max_steps=0", "both 0"), ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
     ("training.shared_prefix_scope=batch", "training.shared_prefix_scope='batch' is invalid: use step or row"),
+    ("training.optimizer._target_=torch.optim.NoSuchOptimizer",
+     "training.optimizer._target_=torch.optim.NoSuchOptimizer cannot be imported"),
+    ("~training.optimizer._target_", "training.optimizer has no _target_: give one such as "
+                                     "training.optimizer._target_=torch.optim.AdamW"),
+    ("training.scheduler._partial_=false", "training.scheduler._partial_ must be true"),
+    ("optimized_metric=accuracy", "optimized_metric='accuracy' is not a metric of this run: use one of eval_loss"),
 ])
 def test_bad_values_are_named(override, message):
     cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))

@@ -24,6 +24,7 @@ QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm
       ("What is anemia?", "Too few red blood cells or too little hemoglobin to carry oxygen."),
       ("What does TSH test?", "How well the thyroid gland is working."),
       ("What is eczema?", "A condition that makes skin dry, itchy and inflamed.")]
+TRAIN, HELD_OUT = QA[:4], QA[4:]
 SAMPLES, GENERATIONS, TRIAGED = 2, 2, 40
 # fp32 and no dropout: the evaluation's adapter loss must equal the training run's final eval loss
 OVERFIT = [*TINY, "data=jsonl", "training.max_steps=6", "training.batch_size=3", "training.gradient_accumulation_steps=1",
@@ -34,13 +35,14 @@ OVERFIT = [*TINY, "data=jsonl", "training.max_steps=6", "training.batch_size=3",
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("evaluate")
-    qa = write_jsonl(tmp / "qa.jsonl", [conversation(q, a) for q, a in QA])
-    trained = train(tmp, *OVERFIT, f"data.train_file={qa}", f"data.eval_file={qa}")
+    qa = write_jsonl(tmp / "qa.jsonl", [conversation(q, a) for q, a in TRAIN])
+    held_out = write_jsonl(tmp / "held_out.jsonl", [conversation(q, a) for q, a in HELD_OUT])
+    trained = train(tmp, *OVERFIT, f"data.train_file={qa}", f"data.eval_file={held_out}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     client = mlflow_client(tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
     cmd = [sys.executable, str(ROOT / "evaluate.py"), f"hydra.run.dir={tmp}/eval", f"run_id={run.info.run_id}",
-           f"tracking.uri=sqlite:///{tmp}/mlflow.db", "precision=fp32", f"evaluation.medical_file={qa}",
+           f"tracking.uri=sqlite:///{tmp}/mlflow.db", "precision=fp32", f"evaluation.medical_file={held_out}",
            f"evaluation.safety_samples={SAMPLES}", f"evaluation.generations={GENERATIONS}", "inference.max_new_tokens=6",
            f"evaluation.triage_rows={TRIAGED}"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -51,11 +53,48 @@ def evaluated(tmp_path_factory):
     forget_download(run.info.run_id)
 
 
-def test_held_out_perplexity_matches_training_and_drops_with_the_adapter(evaluated):
-    _, _, run, _, metrics = evaluated
-    # same data, weights, dtype and loss: the numbers training logged, to float precision
+def _reference_losses(tmp) -> tuple[float, float]:
+    """The held-out loss of adapter and base from plain transformers + peft: each conversation's own
+    loss weighted by its supervised tokens, so no medlora loss, batching or packing code is involved."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from medlora import data as medata
+    from medlora.model import load_tokenizer, resolve_checkpoint
+
+    cfg = compose("train", TINY)
+    base_path, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    tokenizer = load_tokenizer(str(tmp / "run" / "adapter"))
+    examples, _ = medata.tokenize_dataset(medata.load_conversations(tmp / "held_out.jsonl"), tokenizer,
+                                          cfg.safety.system_prompt, cfg.training.max_seq_len, "truncate")
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(tmp / "run" / "adapter")).eval()
+
+    @torch.no_grad()
+    def loss() -> float:
+        total = count = 0
+        for e in examples:
+            labels = torch.tensor([e.labels])
+            n = int((labels[:, 1:] != -100).sum())  # the model shifts labels by one
+            total += model(input_ids=torch.tensor([e.input_ids]), labels=labels).loss.item() * n
+            count += n
+        return total / count
+
+    adapted = loss()
+    with model.disable_adapter():
+        return adapted, loss()
+
+
+def test_held_out_perplexity_matches_training_and_a_plain_reference(evaluated):
+    tmp, _, run, _, metrics = evaluated
+    # the same held-out file, weights, dtype and loss: the numbers training logged, to float precision
     assert metrics["medical_loss"] == pytest.approx(run.data.metrics["eval_loss"], rel=1e-6)
     assert metrics["medical_loss_base"] == pytest.approx(run.data.metrics["eval_loss_before"], rel=1e-6)
+    adapted, base = _reference_losses(tmp)
+    assert metrics["medical_loss"] == pytest.approx(adapted, rel=1e-5)
+    assert metrics["medical_loss_base"] == pytest.approx(base, rel=1e-5)
+    # conversations it never saw: the adapter learnt the answers' style, not only the training rows
     assert metrics["medical_perplexity"] < metrics["medical_perplexity_base"]
     for name in ("medical", "general"):
         for suffix in ("", "_base"):
@@ -100,8 +139,15 @@ def test_triage_is_measured_on_the_held_out_split(evaluated):
     rules_only = {k[len("triage_rules_"):]: v for k, v in metrics.items()
                   if k.startswith("triage_rules_") and not k.startswith("triage_rules_or_model_")}
     assert rules_only == expected
-    for who in ("model", "rules_or_model"):
-        assert 0 <= metrics[f"triage_{who}_benign_flagged"] <= 1
+    # the model's figures and both together's are those of the shipped triage model on the same rows
+    safety = compose("evaluate", [])
+    triage = Triage.from_config(OmegaConf.to_container(safety.safety.triage, resolve=True), safety.paths.cache_dir)
+    decisions = triage.check_many([r["messages"] for r in rows])
+    labels = [r["label"] for r in rows]
+    for who, actions in (("model", [triage.model.decide(d.scores) for d in decisions]),
+                         ("rules_or_model", [d.action for d in decisions])):
+        found = {k[len(f"triage_{who}_"):]: v for k, v in metrics.items() if k.startswith(f"triage_{who}_")}
+        assert found == measure(labels, actions)
     # either one flags: rules or model catches at least what each catches alone
     assert metrics["triage_rules_or_model_emergency_recall"] >= max(metrics["triage_rules_emergency_recall"],
                                                                     metrics["triage_model_emergency_recall"])

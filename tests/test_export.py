@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import compose
+from conftest import TINY, compose, train
+from omegaconf import OmegaConf
 from test_infer import forget_download, infer, tiny_adapter
 
 from medlora.config import MedloraError
@@ -80,21 +83,44 @@ def test_merged_logits_equal_base_plus_adapter(adapter, merged):
     assert (expected - base_only)[mask].abs().max().item() > 1e-1  # the adapter changes the outputs
 
 
-def test_a_4bit_adapter_merges_into_unquantized_weights(adapter, merged, tmp_path):
+@pytest.mark.slow
+def test_a_4bit_trained_adapter_merges_into_unquantized_weights(tmp_path):
+    """QLoRA: an adapter trained on a 4-bit base merges into the full-precision base, W + (alpha / r) B A,
+    computed here from the saved files alone."""
     pytest.importorskip("bitsandbytes")
     from safetensors.torch import load_file
 
-    from medlora.infer.session import run
+    from medlora.model import resolve_checkpoint
 
-    overrides = [f"adapter={adapter['dir']}", "model.quantization=4bit", f"export.merged_dir={tmp_path}/merged",
-                 "tracking=none"]
-    run(compose("infer", overrides), RunInfo(output_dir=tmp_path / "session", overrides=tuple(overrides)))
-    config = json.loads((tmp_path / "merged" / "config.json").read_text())
-    assert "quantization_config" not in config
-    weights = load_file(tmp_path / "merged" / "model.safetensors")
-    reference = load_file(merged / "merged" / "model.safetensors")
-    assert weights.keys() == reference.keys()
-    assert all(weights[k].dtype == torch.float32 and torch.equal(weights[k], reference[k]) for k in weights)
+    rank, alpha = 4, 8
+    trained = train(tmp_path, *TINY, "model.quantization=4bit", f"lora.rank={rank}", f"lora.alpha={alpha}",
+                    "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",
+                    "training.learning_rate=1e-2", "data.max_train_samples=4", "data.max_eval_samples=2", "tracking=none")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    assert OmegaConf.load(run_dir / "config_resolved.yaml").model.quantization == "4bit"
+    exported = infer(tmp_path / "export", f"adapter={run_dir / 'adapter'}", f"export.merged_dir={tmp_path}/merged",
+                     "tracking=none")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+
+    cfg = compose("infer", ["model=tiny_random"])
+    base_path, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
+    base = load_file(Path(base_path) / "model.safetensors")
+    lora = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert merged.keys() == base.keys()
+    updated = set()
+    for key in lora:
+        if key.endswith(".lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = lora[key], lora[key.replace("lora_A", "lora_B")]
+            assert b.abs().max() > 0  # trained: lora_B starts at zero
+            expected = base[f"{module}.weight"] + (alpha / rank) * (b @ a)
+            torch.testing.assert_close(merged[f"{module}.weight"], expected, atol=1e-6, rtol=1e-5)
+            updated.add(f"{module}.weight")
+    assert len(updated) == 7 * 2  # every linear layer of both blocks (q, k, v, o, gate, up, down)
+    assert all(merged[k].dtype == torch.float32 and torch.equal(merged[k], base[k]) for k in base.keys() - updated)
 
 
 def test_export_never_overwrites_a_folder(adapter, merged):

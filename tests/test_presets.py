@@ -53,6 +53,6 @@ def test_optuna_search_composes():
     assert cfg.hydra.mode.name == "MULTIRUN" and "optuna" in sweeper._target_
     assert sweeper.direction == "minimize" and sweeper.max_failure_rate == 1.0 and sweeper.n_jobs == 1
     assert sweeper.study_name == "lora_tiny_random"
-    assert sweeper.storage == f"sqlite:///{cfg.paths.log_dir}/optuna.db"
+    assert sweeper.storage == f"sqlite:///{cfg.paths.sweep_dir}/optuna.db"
     assert set(sweeper.params) == {"lora.rank", "lora.alpha", "lora.dropout", "training.learning_rate"}
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed is None

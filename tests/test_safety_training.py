@@ -7,8 +7,11 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 from conftest import TINY, conversation, mlflow_client, train, write_jsonl
+from omegaconf import OmegaConf
 
 RAW = ["Margaret Okafor", "617-555-0143", "m.okafor@example.org", "123-45-6789", "MRN 88412907"]
 ROWS = [
@@ -24,16 +27,39 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def safe_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("safe")
+def _train(tmp, *overrides: str):
     path = write_jsonl(tmp / "phi.jsonl", ROWS)
     result = train(tmp, *TINY, "data=jsonl", f"data.train_file={path}", f"data.eval_file={path}",
-                   "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1")
+                   "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1", *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client(tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
     return tmp, result, client, run
+
+
+@pytest.fixture(scope="module")
+def safe_run(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("safe"))
+
+
+def _everything_written(tmp, result, client, run) -> str:
+    """All a run leaves behind: its output, MLflow params, tags, metric names and artifacts, and the
+    cleaned, tokenized data it cached, decoded back to text."""
+    import pickle
+
+    from medlora.model import load_tokenizer
+    from medlora.prepare import data_key
+
+    texts = [result.stdout, result.stderr, json.dumps(run.data.params), json.dumps(run.data.tags),
+             json.dumps(list(run.data.metrics))]
+    for name in ("audit.jsonl", "train.log", "config_resolved.yaml"):
+        texts.append(open(client.download_artifacts(run.info.run_id, name, str(tmp / "download"))).read())
+    cfg = OmegaConf.load(tmp / "run" / "config_resolved.yaml")
+    tokenizer = load_tokenizer(str(tmp / "run" / "adapter"))
+    cached = Path(cfg.paths.cache_dir) / "data" / f"{data_key(cfg, tokenizer)}.pkl"
+    prepared = pickle.loads(cached.read_bytes())
+    texts += [tokenizer.decode(e.input_ids) for e in prepared.train_set + prepared.eval_set]
+    return "\n".join(texts)
 
 
 def test_counts_reach_mlflow(safe_run):
@@ -61,11 +87,10 @@ def test_audit_trail_verifies_against_the_recorded_head(safe_run):
     assert "audit.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
-def test_no_raw_identifier_is_logged_anywhere(safe_run):
-    tmp, result, client, run = safe_run
-    texts = [result.stdout, result.stderr, json.dumps(run.data.params), json.dumps(run.data.tags)]
-    for name in ("audit.jsonl", "train.log", "config_resolved.yaml"):
-        texts.append(open(client.download_artifacts(run.info.run_id, name, str(tmp / "download"))).read())
-    texts.append(json.dumps(list(run.data.metrics)))
-    for raw in RAW:
-        assert not any(raw in text for text in texts), raw
+def test_no_raw_identifier_is_logged_or_cached_anywhere(safe_run, tmp_path):
+    written = _everything_written(*safe_run)
+    assert "150/95" in written  # a clinical value is kept: the decoded data really is the training text
+    assert [raw for raw in RAW if raw in written] == []
+    # the control: with redaction off the same search finds every identifier in the cached data
+    unredacted = _everything_written(*_train(tmp_path, "safety.phi_redaction.enabled=false"))
+    assert [raw for raw in RAW if raw in unredacted] == RAW

@@ -1108,9 +1108,8 @@ def _entity_span(copy: str, start: int, end: int, category: str, score: float) -
             return None
     elif category == "FACILITY":
         # the model runs on past the name ('Mercy General Hospital for PCI'): end at the facility word
-        noun = None
-        for noun in re.finditer(_FACILITY_NOUN, value):
-            pass
+        nouns = list(re.finditer(_FACILITY_NOUN, value))
+        noun = nouns[-1] if nouns else None
         if noun and not re.match(rf"\s+(?:of|at)\s+[{_UP}]", value[noun.end():]):
             end = start + noun.end()
     elif category == "LOCATION":
