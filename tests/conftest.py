@@ -76,6 +76,20 @@ def compose(name: str, overrides: list[str]):
         return hydra_compose(config_name=name, overrides=overrides)
 
 
+@pytest.fixture
+def cfg_train(tmp_path):
+    """The config `python train.py <overrides>` runs with, its run folder and MLflow store in tmp_path:
+    `cfg_train("lora.rank=4")`, for tests that drive the recipe in process."""
+
+    def make(*overrides: str):
+        given = {o.split("=")[0] for o in overrides}
+        own = [f"paths.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+               f"tracking.artifact_location={tmp_path}/artifacts"]
+        return compose("train", [*[o for o in own if o.split("=")[0] not in given], *overrides])
+
+    return make
+
+
 def mlflow_client(tmp: Path):
     from mlflow import MlflowClient
 
