@@ -7,8 +7,9 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT
 from medlora.config import resolve_precision
+
+from helpers import ROOT
 
 
 def test_benchmark_writes_its_table_and_json(tmp_path):

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MEDQUAD, ROOT, conversation, write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from medlora import allocator
+from medlora import allocator, data
 from medlora import config as medconfig
-from medlora import data
 from medlora.adapters import add_adapter
 from medlora.files import save_folder
 from medlora.model import load_model, quantization_config, resolve_checkpoint
+
+from helpers import MEDQUAD, ROOT, conversation, write_jsonl
 
 GROUPS = {name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
           for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import conversation, write_jsonl
 
 from medlora import data
 from medlora.config import MedloraError
+
+from helpers import conversation, write_jsonl
 
 SYSTEM = "Be careful."
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import mlflow_client, train
+
+from helpers import mlflow_client, train
 
 
 @pytest.mark.slow

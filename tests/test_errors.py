@@ -6,7 +6,8 @@ import os
 
 import pytest
 import torch
-from conftest import TINY, conversation, train, write_jsonl
+
+from helpers import TINY, conversation, train, write_jsonl
 
 GOOD = conversation("What is a fever?", "A body temperature above about 38 C (100.4 F).")
 

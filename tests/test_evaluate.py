@@ -9,14 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, TINY, compose, conversation, mlflow_client, train, write_jsonl
 from omegaconf import OmegaConf
 
-from test_infer import forget_download
-
+from medlora.cli import RunInfo
 from medlora.config import MedloraError
 from medlora.infer.assistant import Reply
-from medlora.cli import RunInfo
+
+from helpers import ROOT, TINY, compose, conversation, forget_download, mlflow_client, train, write_jsonl
 
 QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
       ("What does LDL measure?", "The cholesterol carried by low-density lipoprotein."),

@@ -4,17 +4,16 @@ the adapter logs to MLflow as a transformers/peft model that records its base mo
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose, train
 from omegaconf import OmegaConf
-from test_infer import forget_download, infer, tiny_adapter
 
-from medlora.config import MedloraError
 from medlora.cli import RunInfo
+from medlora.config import MedloraError
+
+from helpers import TINY, compose, forget_download, infer, tiny_adapter, train
 
 
 @pytest.fixture(scope="module")

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose, write_jsonl
 from omegaconf import OmegaConf
 
-from medlora.config import MedloraError
 from medlora.cli import RunInfo
+from medlora.config import MedloraError
+
+from helpers import ROOT, compose, forget_download, infer, tiny_adapter, write_jsonl
 
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token
@@ -25,49 +22,8 @@ EMERGENCY = "my dad is having crushing chest pain right now and he is sweating"
 EMERGENCY_NUMBER = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").triage.emergency_number
 
 
-def tiny_adapter(tmp: Path) -> dict:
-    """A LoRA adapter with random non-zero weights on tiny_random, saved and logged the way train.py does:
-    `<run>/adapter` (weights + tokenizer) beside `<run>/config_resolved.yaml`, and an MLflow run holding both."""
-    from mlflow import MlflowClient
-    from peft import LoraConfig, get_peft_model
-
-    from medlora.model import load_model, load_tokenizer, resolve_checkpoint
-
-    cfg = compose("infer", ["model=tiny_random"])
-    base_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
-    torch.manual_seed(0)
-    # init_lora_weights=False: B is random too, so the adapter changes every output
-    model = get_peft_model(load_model(base_path, cfg.model, "fp32", "cpu"),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                                      task_type="CAUSAL_LM"))
-    run_dir = tmp / "run"
-    model.save_pretrained(run_dir / "adapter")
-    load_tokenizer(tokenizer_path).save_pretrained(run_dir / "adapter")
-    trained = {**OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["model", "safety"]), resolve=True), "seed": cfg.seed}
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(trained))
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("medlora", artifact_location=(tmp / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    client.log_artifacts(run_id, str(run_dir / "adapter"), "adapter")
-    client.log_artifact(run_id, str(run_dir / "config_resolved.yaml"))
-    client.set_terminated(run_id)
-    return {"dir": run_dir / "adapter", "run_id": run_id, "uri": uri, "base_path": base_path, "tmp": tmp}
-
-
-def infer(tmp: Path, *overrides: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "infer.py"), f"hydra.run.dir={tmp}/session", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
 def audit_entries(tmp: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp / "session" / "audit.jsonl").read_text().splitlines()]
-
-
-def forget_download(run_id: str) -> None:
-    """infer.py caches a run's artifacts under paths.cache_dir; a test's runs are not worth keeping."""
-    shutil.rmtree(ROOT / ".cache" / "runs" / run_id, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ROOT, conversation, write_jsonl
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from medlora.config import validate
+
+from helpers import ROOT, conversation, write_jsonl
 
 PRESETS = [(group, path.stem) for group in ("experiment", "debug") for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, mlflow_client, train
+
+from helpers import TINY, mlflow_client, train
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -27,9 +28,9 @@ def test_4bit_lora_trains_a_few_steps(tmp_path):
 def test_gradients_through_4bit_layers_survive_an_eval_pass():
     """bitsandbytes repacks 4-bit weights for a backward-less CPU kernel after an eval pass;
     medlora turns that off, so gradients after eval must equal gradients before it."""
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from medlora.adapters import add_adapter
     from medlora.model import load_model, resolve_checkpoint
 
@@ -72,10 +73,9 @@ PHI4_SMALL = ["model=phi4_mini_random", "model.random_init.num_hidden_layers=2",
 
 
 def test_phi4_mini_random_is_phi4_mini_sized():
+    from conftest import ROOT
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from conftest import ROOT
 
     arch = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "phi4_mini_random.yaml").random_init)
     with torch.device("meta"):
@@ -93,9 +93,9 @@ def test_phi4_mini_architecture_trains_in_4bit_with_its_vocabulary(tmp_path):
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
     assert run.data.params["model.quantization"] == "4bit"
     assert run.data.metrics["train_shared_prefix_fraction"] > 0
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from medlora.model import resolve_checkpoint
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY
 
 from medlora.cli import RunInfo
 from medlora.config import MedloraError
 from medlora.train import LoraRecipe
+
+from helpers import TINY
 
 LR = 0.5
 # fp32, no dropout, no clipping, a constant rate: one SGD step is exactly theta - LR * gradient

@@ -11,12 +11,13 @@ import re
 from collections import Counter
 
 import pytest
-from conftest import MEDQUAD, ROOT, conversation, write_jsonl
-from phi_synthetic import generate
 
 from medlora.safety import redact_cli
 from medlora.safety.content import RULES, classify_conversation, filter_conversations
 from medlora.safety.phi import CATEGORIES, PhiRedactor
+
+from helpers import MEDQUAD, ROOT, conversation, write_jsonl
+from helpers.phi_synthetic import generate
 
 SAMPLE = ROOT / "data" / "sample_medical"
 

@@ -13,10 +13,11 @@ import sys
 from collections import Counter
 
 import pytest
-from conftest import ROOT
 
 from medlora.safety.phi import PhiRedactor
 from medlora.safety.phi_eval import parse, score
+
+from helpers import ROOT
 
 
 @pytest.fixture(scope="module")

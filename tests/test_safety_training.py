@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-
 from pathlib import Path
 
 import pytest
-from conftest import TINY, conversation, mlflow_client, train, write_jsonl
 from omegaconf import OmegaConf
+
+from helpers import TINY, conversation, mlflow_client, train, write_jsonl
 
 RAW = ["Margaret Okafor", "617-555-0143", "m.okafor@example.org", "123-45-6789", "MRN 88412907"]
 ROWS = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from medlora.safety import screen_cli
-from medlora.safety.output_checks import OutputChecker, OutputCheckConfigError
+from medlora.safety.output_checks import OutputCheckConfigError, OutputChecker
 from medlora.safety.triage import Triage, TriageConfigError
 
 SETS = Path(__file__).resolve().parents[1] / "data" / "safety_triage" / "rules"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import AUTO_ALLOCATOR, ROOT, TINY, compose, mlflow_client, train
+from helpers import AUTO_ALLOCATOR, ROOT, TINY, compose, mlflow_client, train
 from medlora import data as medata
 from medlora.adapters import FastDropout, add_adapter, keep_mask, pack_bits, unpack_bits
 from medlora.loss import loss_sum

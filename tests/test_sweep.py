@@ -8,9 +8,10 @@ import shutil
 
 import nbformat
 import optuna
-from conftest import AUTO_ALLOCATOR, ROOT, SWEEP_JOB, mlflow_client, optuna_search, train
 from nbclient import NotebookClient
 from optuna.trial import TrialState
+
+from helpers import AUTO_ALLOCATOR, ROOT, SWEEP_JOB, mlflow_client, optuna_search, train
 
 PLOTS = {"plots/eval_loss_vs_params.png", "plots/train_loss.png"}
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, conversation, mlflow_client, train, write_jsonl
+
+from helpers import ROOT, TINY, conversation, mlflow_client, train, write_jsonl
 
 STEPS = 16
 QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),

@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose, mlflow_client, write_jsonl
 from omegaconf import OmegaConf
 
 from medlora.safety.settings import medical_defaults
 from medlora.safety.triage import Triage
 from medlora.safety.triage_eval import choose_thresholds, measure
-from medlora.safety.triage_model import (LABELS, MANIFEST, WEIGHTS, GuardModel, resolve_spec,
-                                         transcript)
+from medlora.safety.triage_model import LABELS, MANIFEST, WEIGHTS, GuardModel, resolve_spec, transcript
+
+from helpers import ROOT, compose, mlflow_client, write_jsonl
 
 SHIPPED = ROOT / "src" / "medlora" / "safety" / "triage_adapter"
 CACHE = str(ROOT / ".cache")
