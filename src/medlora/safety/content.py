@@ -23,6 +23,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from medlora.safety.text import clause_starts, negated, sentences
+
 SELF_HARM = "content.self_harm_method"
 OVERDOSE = "content.overdose_info"
 ILLICIT = "content.illicit_acquisition"
@@ -158,9 +160,9 @@ _ADVISORY = _rx(r"\b(?:you\s+(?:can|could|should|might|may|need\s+to|have\s+to|m
                 r"option|place)\s+(?:is|would\s+be)\s+to|just|simply|go\s+ahead\s+and|feel\s+free\s+to|okay\s+to|fine\s+to|"
                 r"safe\s+to)\b")
 # words that may stand before a command's verb: 'Yes, just stop it', 'Please go ahead and double it'
-_COMMAND_LEAD = frozenset("please just simply then also first now so instead honestly yes yeah sure okay ok well "
-                          "basically definitely go ahead and try to really maybe perhaps absolutely totally always "
-                          "today tonight".split())
+_COMMAND_LEAD = frozenset("please just simply then also first now so instead honestly yes yeah "  # noqa: SIM905
+                          "sure okay ok well basically definitely go ahead and try to really maybe perhaps "
+                          "absolutely totally always today tonight".split())
 _CLAUSE_BREAK = re.compile(r"[,;:()\u2014\u2013]|\s-\s|\b(?:but|however|then|so|and|or)\b", re.IGNORECASE)
 _THIRD_PERSON_ACTOR = _rx(r"\b(?:doctors?|physicians?|clinicians?|providers?|surgeons?|nurses?|teams?|specialists?|"
                           r"pharmacists?|prescribers?|they|he|she)\s+(?:will|may|might|can|could|should|would|usually|"
@@ -372,10 +374,6 @@ _CUES = (*_self_harm_cues(), *_overdose_cues(), *_illicit_cues(), *_dangerous_cu
 
 # ---------------------------------------------------------------- classification
 
-def _sentences(text: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.replace("’", "'")) if s.strip()]
-
-
 def _is_command(clause: str) -> bool:
     """'Stop taking your insulin', 'Yes, just double it': the cue verb opens its clause, with no subject before it."""
     return set(re.findall(r"[a-z']+", clause.lower())) <= _COMMAND_LEAD
@@ -384,8 +382,8 @@ def _is_command(clause: str) -> bool:
 def _endorsed(sentence: str, match: re.Match, cue: _Cue) -> bool:
     """Is the matched act said as something to do, rather than negated, warned against, supposed or reported?"""
     prefix, suffix = sentence[: match.start()], sentence[match.end():]
-    clause = _CLAUSE_BREAK.split(prefix)[-1]
-    if sentence.rstrip().endswith("?") or _NEGATION.search(clause) or _CONDITIONAL.search(clause):
+    clause = prefix[clause_starts(prefix, _CLAUSE_BREAK, with_break=False)[-1]:]
+    if sentence.rstrip().endswith("?") or negated(clause, _NEGATION) or _CONDITIONAL.search(clause):
         return False
     opening = _SENTENCE_NEGATION.match(sentence)
     if _COORDINATED_NEGATION.search(prefix) or (opening and not _NEW_ADVICE.search(prefix[opening.end():])):
@@ -430,7 +428,7 @@ class _Context:
     def escalates(self) -> bool:
         """Does the reply send the user to care? 'no need to go to the ER' names the ER but does not."""
         return any(_ESCALATION.search(s) and not _DISMISSAL.search(s) and not _SENTENCE_NEGATION.match(s)
-                   for s in _sentences(self.assistant))
+                   for s in sentences(self.assistant, cut="space"))
 
 
 def classify_conversation(messages: list[dict]) -> list[str]:
@@ -440,8 +438,9 @@ def classify_conversation(messages: list[dict]) -> list[str]:
     for message in messages:
         if message.get("role") != "assistant":
             continue
-        context = _Context(user, message["content"].replace("’", "'"))
-        for sentence in _sentences(message["content"]):
+        reply = message["content"].replace("’", "'")
+        context = _Context(user, reply)
+        for sentence in sentences(reply, cut="space"):
             for cue in _CUES:
                 if cue.rule not in found and _fires(cue, sentence, context):
                     found.add(cue.rule)

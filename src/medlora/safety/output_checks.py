@@ -16,9 +16,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from medlora.safety.triage import CONTROLLED, DRUG_SUFFIX, normalise
-
 from medlora.safety.settings import medical_defaults
+from medlora.safety.text import negated, normalise, sentence_spans
+from medlora.safety.triage import CONTROLLED, DRUG_SUFFIX
 
 ON_VIOLATION = ("block", "rewrite", "refer")
 
@@ -92,9 +92,9 @@ _OPEN_ENDED = re.compile(
     r"won'?t) (?:really )?overdose on\b|\btake (?:the |a )?(?:whole|entire) (?:bottle|pack|packet|box)\b|"
     r"\btake extra (?:doses|pills|tablets)\b|\b(?:exceed|go over|go above) (?:the )?(?:recommended|maximum|label(?:led|"
     r"ed)?|stated) (?:dose|dosage|amount)s?\b")
-_NEGATED_ADVICE = re.compile(r"\b(?:not|never|don'?t|avoid|shouldn'?t|should not|must not|no need to|isn'?t safe to|"
-                             r"is not safe to|it'?s not safe to|unsafe to|dangerous to|instead of|easy to|risk of|"
-                             r"careful|accidentally|by mistake)\b(?:\W+\w+){0,4}?\W*$")
+_ADVICE_NEGATION = re.compile(r"\b(?:not|never|don'?t|avoid|shouldn'?t|should not|must not|no need to|isn'?t safe to|"
+                              r"is not safe to|it'?s not safe to|unsafe to|dangerous to|instead of|easy to|risk of|"
+                              r"careful|accidentally|by mistake)\b")
 # "doubling up ... isn't recommended": the warning follows the phrase
 _WARNED_AFTER = re.compile(r"^[^.;]{0,60}\b(?:isn'?t|is not|aren'?t|are not|not) (?:recommended|advised|safe|"
                            r"a good idea)\b|^[^.;]{0,40}\b(?:can|could|may|might|will) (?:be dangerous|cause|raise|"
@@ -154,7 +154,7 @@ def _dose_violations(sentence: str) -> list[str]:
         elif per_day is not None and amount * per_day > limit.daily_mg:
             found.append("dosing.above_daily_max")
     for m in _OPEN_ENDED.finditer(sentence):
-        if not _NEGATED_ADVICE.search(sentence[:m.start()]) and not _WARNED_AFTER.search(sentence[m.end():]):
+        if not negated(sentence[:m.start()], _ADVICE_NEGATION, 4) and not _WARNED_AFTER.search(sentence[m.end():]):
             found.append("dosing.open_ended")
     return found
 
@@ -170,14 +170,14 @@ _DISEASE = (r"(?:cancer|leuka?emia|lymphoma|melanoma|an? (?:brain |malignant )?t
             r"an? \w+ infection|a (?:brain |blood )?clot|dvt|a pulmonary embolism|an? (?:stomach )?ulcer|gout|"
             r"arthritis|osteoporosis|shingles|strep(?: throat)?|the flu|lyme disease|a concussion|an? \w+ fracture|"
             r"a broken \w+|a stroke|a heart attack|\w+itis|\w+oma|\w+osis)")
-_DEFINITE = re.compile("|".join([
-    r"\byou (?:definitely|certainly|clearly|obviously|surely|undoubtedly|absolutely) (?:have|are suffering from|"
-    r"are having|'ve got|got|are)\b",
+_DEFINITE = re.compile("|".join([  # noqa: FLY002 (one alternative per entry, comments between)
+    (r"\byou (?:definitely|certainly|clearly|obviously|surely|undoubtedly|absolutely) (?:have|are suffering from|"
+     r"are having|'ve got|got|are)\b"),
     # "this is definitely worth checking" is not a diagnosis
-    r"\b(?:this|that|it|these symptoms|your symptoms|what you have|your condition) (?:is|are|'s) (?:definitely|"
-    r"certainly|clearly|obviously|undoubtedly|100%|without (?:a|any) doubt)\b(?!\s+(?:worth|not|something|a good|"
-    r"important|best|possible|recommended|a question|an emergency|serious|urgent|a reason|time|enough|treatable|"
-    r"common|manageable))",
+    (r"\b(?:this|that|it|these symptoms|your symptoms|what you have|your condition) (?:is|are|'s) (?:definitely|"
+     r"certainly|clearly|obviously|undoubtedly|100%|without (?:a|any) doubt)\b(?!\s+(?:worth|not|something|a good|"
+     r"important|best|possible|recommended|a question|an emergency|serious|urgent|a reason|time|enough|treatable|"
+     r"common|manageable))"),
     r"\bi can (?:confirm|tell you for (?:sure|certain)|say for (?:sure|certain)|diagnose)\b",
     r"\bthere(?:'s| is) no doubt (?:that )?(?:you|this|it)\b",
     r"\byour diagnosis is\b",
@@ -244,8 +244,7 @@ _CONSULTED = re.compile(
     r"provider) (?:may|might|can|will|should) (?:\w+ )?(?:tell|advise|ask|recommend|suggest|treat|decide|help)|(?:talk|"
     r"speak|check) (?:to|with) (?:your|a) (?:doctor|prescriber|pharmacist|gp|care team) (?:first|before|"
     r"about (?:whether|how|when)))\b")
-_NEGATED_STOP = re.compile(r"\b(?:not|never|don'?t|do not|shouldn'?t|should not|must not|avoid|"
-                           r"without)\b(?:\W+\w+){0,3}?\W*$")
+_STOP_NEGATION = re.compile(r"\b(?:not|never|don'?t|do not|shouldn'?t|should not|must not|avoid|without)\b")
 
 
 # "if you are diagnosed with", "it does not always mean that you are having": conditions and denials
@@ -284,7 +283,7 @@ def _stop_violations(sentence: str) -> list[str]:
         return []
     for m in _STOP.finditer(sentence):
         verb = _STOP_VERB.search(m.group())
-        if _NEGATED_STOP.search(sentence[:m.start() + (verb.start() if verb else 0)]):
+        if negated(sentence[:m.start() + (verb.start() if verb else 0)], _STOP_NEGATION, 3):
             continue
         return ["treatment.stop_prescribed"]
     return []
@@ -296,19 +295,6 @@ _CHECKS = (
     ("output.controlled_prescribing", _controlled_violations),
     ("output.stop_treatment", _stop_violations),
 )
-
-# sentence ends, but not the point in "2.5 mg"
-_BOUNDARY = re.compile(r"[!?]+|[.;]+(?=\s|$)|\n+")
-
-
-def _sentences(text: str) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        spans.append((start, m.end()))
-        start = m.end()
-    if start < len(text):
-        spans.append((start, len(text)))
-    return spans
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +325,7 @@ class OutputChecker:
     def violations(self, text: str) -> list[tuple[int, str, str]]:
         """(sentence index, category, rule id) for every violation found."""
         found = []
-        for index, (start, end) in enumerate(_sentences(text)):
+        for index, (start, end) in enumerate(sentence_spans(text, keep_blank=True)):
             sentence = normalise(text[start:end])
             for category, check in _CHECKS:
                 found += [(index, category, rule_id) for rule_id in dict.fromkeys(check(sentence))]
@@ -363,7 +349,7 @@ class OutputChecker:
             return self.block_message
         if self.on_violation == "refer":
             return f"{text.rstrip()}\n\n{self.referral}"
-        kept = "".join(text[a:b] for i, (a, b) in enumerate(_sentences(text)) if i not in bad)
+        kept = "".join(text[a:b] for i, (a, b) in enumerate(sentence_spans(text, keep_blank=True)) if i not in bad)
         kept = re.sub(r"\n{3,}", "\n\n", kept).strip()
         # nothing useful left once the unsafe sentences are gone: say so rather than send a fragment
         if not re.search(r"\w", kept):

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from medlora.safety.settings import medical_defaults
+from medlora.safety.text import clause_starts, negated, normalise, sentence_spans
 
 ACTIONS = ("emergency", "crisis", "refuse", "allow")
 _ACTION_OF = {"emergency": "emergency", "crisis": "crisis", "harm": "refuse"}
@@ -141,7 +142,6 @@ I_WILL = (r"(?:(?:i(?:'m| am)|im) (?:going|gonna|planning)|i (?:want|wanna|need|
 # ---------------------------------------------------------------------------------------------
 # context: which sentence a match is in, and what that sentence says about time and person
 
-_BOUNDARY = re.compile(r"[!?]+|[.;]+(?=\s|$)|\n+")
 _QUESTION_START = re.compile(
     r"^\W*(?:(?:hi|hey|hello|ok|okay|so|um|uh|quick question|question|just wondering|sorry|please|also|and|"
     r"but)\W+)*(?:what|what'?s|whats|how|how'?s|why|when|which|who|where|is|are|can|could|does|do|did|should|would|"
@@ -273,17 +273,6 @@ class _Sentence:
         return next(c for c in reversed(self.clauses) if c.start <= pos)
 
 
-def _split(text: str) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        if text[start:m.end()].strip():
-            spans.append((start, m.end()))
-        start = m.end()
-    if text[start:].strip():
-        spans.append((start, len(text)))
-    return spans
-
-
 def _conditionals(text: str, start: int, end: int) -> tuple[tuple[int, int, bool], ...]:
     found = []
     for m in _REPORTED.finditer(text, start, end):
@@ -307,7 +296,7 @@ def _clauses(text: str, start: int, end: int) -> tuple[_Clause, ...]:
     sentence = text[start:end]
     # a lasting after-effect or an episode that is over dates the whole sentence, not just its own clause
     all_past = (bool(_DISTANT.search(sentence)) and bool(_CHRONIC.search(sentence))) or bool(_RESOLVED.search(sentence))
-    cuts = [0] + [m.start() for m in _CLAUSE_BREAK.finditer(sentence)] + [len(sentence)]
+    cuts = [*clause_starts(sentence, _CLAUSE_BREAK), len(sentence)]
     clauses = []
     for a, b in itertools.pairwise(cuts):
         part = sentence[a:b]
@@ -341,7 +330,7 @@ class _Doc:
         self.min_start = min_start
         vignette = bool(_VIGNETTE.search(text)) and not _PERSONAL.search(_ASKER.sub(" ", text))
         self.sentences: list[_Sentence] = []
-        for start, end in _split(text):
+        for start, end in sentence_spans(text):
             previous = self.sentences[-1] if self.sentences else None
             self.sentences.append(_analyse(text, start, end, previous, vignette))
         self._starts = [s.start for s in self.sentences]
@@ -351,20 +340,8 @@ class _Doc:
 
     def negated(self, sent: _Sentence, pos: int) -> bool:
         """A negation cue up to a few words before `pos`, with no contrast word or clause break between."""
-        before = self.text[sent.start:pos]
-        before = _PSEUDO_NEG.sub(lambda m: "_" * len(m.group()), before)
-        tail_start = 0
-        for brk in _NEG_BREAK.finditer(before):
-            after = before[brk.end():]
-            # "no fever, cough or chest pain": a comma inside a negated list does not end the negation
-            if brk.group() in ",:" and re.search(r"\b(?:or|nor)\b", after):
-                continue
-            tail_start = brk.end()
-        tail = before[tail_start:]
-        cues = list(_NEG_CUE.finditer(tail))
-        if not cues:
-            return False
-        return len(re.findall(r"\w+", tail[cues[-1].end():])) <= _NEG_WINDOW_WORDS
+        return negated(self.text[sent.start:pos], _NEG_CUE, _NEG_WINDOW_WORDS, breaks=_NEG_BREAK, pseudo=_PSEUDO_NEG,
+                       lists=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,67 +628,67 @@ SUICIDAL_STATE = (r"\b(?:i'?m|i am|im|feel(?:ing)?|felt|been|being|get|getting|a
                   r"sounds?)\s+(?:(?!not\b|never\b)\w+\s+)?suicidal\b|\bsuicidal (?:thoughts|ideation|feelings|"
                   r"urges)\b|\bthoughts (?:of|about) (?:suicide|killing myself|ending (?:my life|it)|dying|death|"
                   r"not being here)\b")
-SUICIDAL_PASSIVE = "|".join([
-    r"\b(?:no|zero|not (?:a|any|one)|nothing|what'?s the|whats the|lost (?:all |any |my |the )?)\s*(?:reason|point|"
-    r"purpose|will|desire)\w*\s+(?:(?:to|in|for|of)\s+)?(?:me\s+)?(?:to\s+)?(?:live|living|go(?:ing)? on|"
-    r"be(?:ing)? alive|be(?:ing)? here|keep(?:ing)? going|carry(?:ing)? on|stay(?:ing)? alive|exist(?:ing)?)\b",
+SUICIDAL_PASSIVE = "|".join([  # noqa: FLY002 (one alternative per entry)
+    (r"\b(?:no|zero|not (?:a|any|one)|nothing|what'?s the|whats the|lost (?:all |any |my |the )?)\s*(?:reason|point|"
+     r"purpose|will|desire)\w*\s+(?:(?:to|in|for|of)\s+)?(?:me\s+)?(?:to\s+)?(?:live|living|go(?:ing)? on|"
+     r"be(?:ing)? alive|be(?:ing)? here|keep(?:ing)? going|carry(?:ing)? on|stay(?:ing)? alive|exist(?:ing)?)\b"),
     r"\bnothing (?:left )?to live for\b", r"\blife (?:is(?:n'?t| not)|isnt|ain'?t) worth (?:living|it)\b",
     r"\bnot worth living\b",
-    r"\b(?:better off|better|happier|easier|relieved|glad)\b(?:\W+\w+){0,4}?\W+(?:without me|if i (?:just )?(?:was|"
-    r"were|wasn'?t|weren'?t|was not|were not) (?:dead|gone|here|around|alive|born)|if i (?:just )?(?:died|disappeared|"
-    r"was gone|were gone|wasn'?t here|weren'?t here|wasn'?t around|weren'?t around|didn'?t wake up|never woke up)|"
-    r"with me (?:dead|gone))\b",
-    r"\b(?:i'?m|i am|im|i'?ve been|i keep|i have|i'?ve got|been) (?:having |getting )?(?:really |very |some |"
-    r"these )?dark thoughts\b",
-    r"\bgoodbye\b[^.?!]{0,80}\b(?:isn'?t|is not|not|won'?t|stopped) (?:answering|responding|picking up|replying)\b|"
-    r"\bthank you for everything\W+(?:\w+\W+){0,2}?goodbye\b",
+    (r"\b(?:better off|better|happier|easier|relieved|glad)\b(?:\W+\w+){0,4}?\W+(?:without me|if i (?:just )?(?:was|"
+     r"were|wasn'?t|weren'?t|was not|were not) (?:dead|gone|here|around|alive|born)|if i (?:just )?(?:died|disappeared|"
+     r"was gone|were gone|wasn'?t here|weren'?t here|wasn'?t around|weren'?t around|didn'?t wake up|never woke up)|"
+     r"with me (?:dead|gone))\b"),
+    (r"\b(?:i'?m|i am|im|i'?ve been|i keep|i have|i'?ve got|been) (?:having |getting )?(?:really |very |some |"
+     r"these )?dark thoughts\b"),
+    (r"\bgoodbye\b[^.?!]{0,80}\b(?:isn'?t|is not|not|won'?t|stopped) (?:answering|responding|picking up|replying)\b|"
+     r"\bthank you for everything\W+(?:\w+\W+){0,2}?goodbye\b"),
     r"\b(?:i'?d|i would) (?:rather|sooner) (?:be dead|die|not be alive|not exist|not be here)\b(?!\s+than)",
     r"\bdon'?t see (?:the|any) point (?:in|of) (?:living|life|going on|being alive|anything)\b",
     r"\b(?:want|need) out of (?:this|my) life\b",
     r"\b(?:made|making|tied|tying|bought|have|got|set up) (?:a |the )?noose\b",
-    r"\b(?:letters?|notes?|messages?|videos?)\b[^.?!]{0,40}\b(?:say(?:ing)? goodbye|"
-    r"farewell)\b[^.?!]{0,30}\bbefore i (?:go|die|leave|do it)\b|\bsay(?:ing)? (?:my )?goodbyes? to (?:everyone|"
-    r"my (?:family|kids|children|friends|loved ones))\b(?! before (?:my|our|the) (?:trip|move|flight|surgery))",
+    (r"\b(?:letters?|notes?|messages?|videos?)\b[^.?!]{0,40}\b(?:say(?:ing)? goodbye|"
+     r"farewell)\b[^.?!]{0,30}\bbefore i (?:go|die|leave|do it)\b|\bsay(?:ing)? (?:my )?goodbyes? to (?:everyone|"
+     r"my (?:family|kids|children|friends|loved ones))\b(?! before (?:my|our|the) (?:trip|move|flight|surgery))"),
     r"\bwish(?:ed)? i (?:was|were|'d|had) (?:dead|never been born|not alive|gone)\b",
     r"\bwish(?:ed)? i (?:wasn'?t|weren'?t|was not|were not) (?:alive|born|around|here anymore)\b",
     r"\bwish i (?:didn'?t|did not) exist\b",
-    r"\bwish i (?:could|would|didn'?t|did not|wouldn'?t) (?:just )?(?:die|disappear forever|not wake up|never wake up|"
-    r"sleep forever|stop existing|exist)\b",
+    (r"\bwish i (?:could|would|didn'?t|did not|wouldn'?t) (?:just )?(?:die|disappear forever|not wake up|never wake up|"
+     r"sleep forever|stop existing|exist)\b"),
     r"\b(?:go to sleep|sleep) and (?:never|not) wake up\b",
-    r"\bdon'?t (?:want|wanna) (?:to )?(?:be alive|exist|keep (?:living|going)|wake up(?: tomorrow| again)?\b(?! early)|"
-    r"live(?=\s*(?:$|[.,!;]|anymore|any more|any longer|like this))|be here (?:anymore|any more|any longer))",
+    (r"\bdon'?t (?:want|wanna) (?:to )?(?:be alive|exist|keep (?:living|going)|wake up(?: tomorrow| again)?\b(?! early)|"
+     r"live(?=\s*(?:$|[.,!;]|anymore|any more|any longer|like this))|be here (?:anymore|any more|any longer))"),
     r"\bnot sure i (?:want|wanna) to (?:keep living|live|go on|be alive|be here)\b",
     r"\bdone with (?:life|living|being alive|everything|it all)\b",
     r"\b(?:giving|gave|give) (?:away )?(?:my|all my) (?:stuff|things|belongings|possessions)(?: away)?\b",
     r"\b(?:wrote|writing|written|write|left) (?:a |my )?(?:suicide note|goodbye (?:letters?|notes?|messages?))\b",
-    r"\b(?:stockpil\w*|hoard\w*|saving up|saved up|sav(?:e|ing)|collect\w*|stash\w*)\s+(?:\w+\s+){0,2}(?:pills|meds|"
-    r"tablets|medications?)\b(?:[^.?!]{0,40}\b(?:all at once|at once|to (?:take|swallow) (?:them )?all|to end|so i can|"
-    r"for when))",
+    (r"\b(?:stockpil\w*|hoard\w*|saving up|saved up|sav(?:e|ing)|collect\w*|stash\w*)\s+(?:\w+\s+){0,2}(?:pills|meds|"
+     r"tablets|medications?)\b(?:[^.?!]{0,40}\b(?:all at once|at once|to (?:take|swallow) (?:them )?all|to end|so i can|"
+     r"for when))"),
     r"\b(?:stockpil\w*|hoard\w*)\s+(?:\w+\s+){0,2}(?:pills|meds|tablets|medications?)\b",
-    r"\b(?:bought|got|have|saved|collected|ordered)\s+(?:\w+\s+){0,2}?(?:rope|gun|pills|tablets|meds|razors?|"
-    r"blades?)\s+(?:to|so i can|for when i|for)\s+(?:\w+\s+)?(?:overdose|od|kill myself|end (?:it|my life|things)|die|"
-    r"hang myself|do it)\b|\b(?:bought|got) (?:a |some )?(?:rope|gun) (?:to|so i can)\b",
-    r"\b(?:there'?s |there is |i see |see )?no point (?:anymore|any more|in (?:anything|living|life|going on|"
-    r"being alive|trying anymore))\b",
-    r"\b(?:can'?t|cannot|can not) (?:keep (?:on )?living|go on living|go on (?:anymore|any more|like this)|"
-    r"live like this|keep going like this)\b",
+    (r"\b(?:bought|got|have|saved|collected|ordered)\s+(?:\w+\s+){0,2}?(?:rope|gun|pills|tablets|meds|razors?|"
+     r"blades?)\s+(?:to|so i can|for when i|for)\s+(?:\w+\s+)?(?:overdose|od|kill myself|end (?:it|my life|things)|die|"
+     r"hang myself|do it)\b|\b(?:bought|got) (?:a |some )?(?:rope|gun) (?:to|so i can)\b"),
+    (r"\b(?:there'?s |there is |i see |see )?no point (?:anymore|any more|in (?:anything|living|life|going on|"
+     r"being alive|trying anymore))\b"),
+    (r"\b(?:can'?t|cannot|can not) (?:keep (?:on )?living|go on living|go on (?:anymore|any more|like this)|"
+     r"live like this|keep going like this)\b"),
     r"\b(?:pills|meds|tablets|medications?)\b(?:\W+\w+){0,2}?\W+(?:lined up|counted out|all ready|ready to take)\b",
-    r"\b(?:suicide|dying|death|ending it|killing myself)\b[^.?!]{0,40}\b(?:only|best|easiest|last) (?:way out|option|"
-    r"answer|solution|escape|choice)\b",
+    (r"\b(?:suicide|dying|death|ending it|killing myself)\b[^.?!]{0,40}\b(?:only|best|easiest|last) (?:way out|option|"
+     r"answer|solution|escape|choice)\b"),
     r"\bbetter off dead\b",
-    r"\b(?:nobody|no one|no-one|noone)(?: would| will|'?d)? (?:even )?(?:care|notice|miss me|cry|"
-    r"be sad)\b[^.?!]{0,25}?\bif i (?:died|was gone|were gone|disappeared|killed myself|wasn'?t here|weren'?t here|"
-    r"was dead|were dead)\b",
+    (r"\b(?:nobody|no one|no-one|noone)(?: would| will|'?d)? (?:even )?(?:care|notice|miss me|cry|"
+     r"be sad)\b[^.?!]{0,25}?\bif i (?:died|was gone|were gone|disappeared|killed myself|wasn'?t here|weren'?t here|"
+     r"was dead|were dead)\b"),
     r"\b(?:nobody|no one|no-one|noone) (?:would|will) (?:even )?miss me\b",
     r"\bnot wanting to (?:be here|be alive|live|exist|wake up)\b",
     r"\btired of (?:living|life|being alive|existing)\b",
     r"\bwant (?:it all|everything|my life|this life|all of it) to (?:end|stop|be over)\b",
     r"\b(?:life|living|alive)\b[^.?!]{0,40}\bwant (?:it|this|everything|it all) (?:all )?to (?:end|stop|be over)\b",
     r"\bmy (?:own )?suicide\b",
-    r"\b(?:saying|said|says|texted|sent|wrote)\b[^.?!]{0,30}\bgoodbye (?:forever|for good|for the last time)\b|"
-    r"\b(?:final|last) goodbye\b",
-    r"\b(?:use|using|turn|turning|point|pointing)\s+(?:it|them|a gun|the gun|my gun|a knife|the knife|"
-    r"the pills)\s+(?:on|against) (?:myself|my head|my wrists?|my throat)\b",
+    (r"\b(?:saying|said|says|texted|sent|wrote)\b[^.?!]{0,30}\bgoodbye (?:forever|for good|for the last time)\b|"
+     r"\b(?:final|last) goodbye\b"),
+    (r"\b(?:use|using|turn|turning|point|pointing)\s+(?:it|them|a gun|the gun|my gun|a knife|the knife|"
+     r"the pills)\s+(?:on|against) (?:myself|my head|my wrists?|my throat)\b"),
 ])
 # hopelessness with "what's the point" left hanging
 HOPELESS = r"\b(?:hopeless|no hope|nothing will (?:ever )?(?:get|be) better|never get better|worthless|no future)\b"
@@ -1077,15 +1054,6 @@ def _fires(doc: _Doc, rule: Rule) -> bool:
         shared = set.intersection(*({i for i, _ in hits} for hits in per_pattern))
         return any(doc.sentences[i].end > doc.min_start for i in shared)
     return any(start >= doc.min_start for hits in per_pattern for _, start in hits)
-
-
-_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": " - "})
-
-
-def normalise(text: str) -> str:
-    """Lower case, straight quotes, single spaces (newlines kept: they end sentences)."""
-    text = text.translate(_QUOTES).lower().replace("&", " and ")
-    return "\n".join(re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.split("\n"))
 
 
 def match_rules(text: str, context: str | None = None) -> list[Rule]:
