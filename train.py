@@ -1,20 +1,18 @@
-"""Fine-tune a chat model with LoRA: `python train.py lora.rank=16`, sweeps with `-m`."""
+"""Fine-tune a chat model with LoRA: `python train.py lora.rank=16`, sweeps with `-m`.
+
+Only light modules load at the top (Hydra, the config checks, the data readers): torch,
+transformers and peft load inside train(), after the allocator relaunch at the bottom.
+"""
 
 from pathlib import Path
 
-if __name__ == "__main__":
-    from medlora.allocator import relaunch_for
+import hydra
+from omegaconf import DictConfig
 
-    # before anything heavy: an allocator takes over a process only from its start
-    relaunch_for(Path(__file__).resolve().parent / "conf", "train")
-
-from medlora.cli import RunInfo, exit_on_user_error, run_info  # noqa: E402 - sets the project root, quiets import noise
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from medlora.config import validate  # noqa: E402
-from medlora.data import build_data, load_splits  # noqa: E402
+from medlora.allocator import relaunch_for
+from medlora.cli import RunInfo, exit_on_user_error, run_info
+from medlora.config import validate
+from medlora.data import build_data, load_splits
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -28,8 +26,8 @@ def train(cfg: DictConfig, info: RunInfo) -> float:
     conversations = None
     build_data(cfg.data)  # a dataset made from its sources (data=safety_triage), before anything reads it
     if not info.sweep_dir:
-        # a bad value or data file is reported before torch, transformers and peft load (about
-        # ten seconds on 2 cores); a sweep job reports it after joining its MLflow parent run
+        # a bad value or data file is reported before torch, transformers and peft load (seconds
+        # of imports); a sweep job reports it after joining its MLflow parent run
         validate(cfg, libraries=False)
         conversations = load_splits(cfg.data, cfg.seed)
     from medlora.train import run
@@ -38,4 +36,7 @@ def train(cfg: DictConfig, info: RunInfo) -> float:
 
 
 if __name__ == "__main__":
+    # first: an allocator takes over a process only from its start, so this restarts under
+    # training.allocator before anything heavy loads
+    relaunch_for(Path(__file__).resolve().parent / "conf", "train")
     main()

@@ -2,12 +2,15 @@
 
 Every activation of a micro-batch is allocated in the forward pass and freed in the backward, in
 a different order and among temporaries of many sizes. glibc's malloc leaves that memory
-fragmented and hands pages back to the kernel only to fault them in again: on 2 CPU cores
-SmolLM2 peaked at 2.55 GB under glibc against 2.06 GB under mimalloc, which trained 4-21% faster
-(bench/train_throughput.py, medlora-glibc vs medlora, four runs). An allocator replaces malloc only from a
-process's start, so `python train.py` reads the key first and, where the allocator is not
-loaded yet, starts itself again with it in LD_PRELOAD, as torch's own CPU launcher
+fragmented and hands pages back to the kernel only to fault them in again; mimalloc keeps a
+lower peak and trains faster (bench/train_throughput.py --settings medlora,medlora-glibc;
+bench/results/train_throughput.md). An allocator replaces malloc only from a process's start, so
+`python train.py` reads the key first and, where the allocator is not loaded yet, starts itself
+again with it in LD_PRELOAD, as torch's own CPU launcher
 (`python -m torch.backends.xeon.run_cpu --enable-tcmalloc`) does.
+
+Light on purpose (the standard library, and Hydra's compose for relaunch_for): it runs before
+torch is imported.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ _INSTALL = {
     "jemalloc": "the system package libjemalloc2 (Debian, Ubuntu) or jemalloc",
 }
 # mimalloc returns freed pages to the kernel after a second by default; a training step reuses
-# them at once, and faulting them in again cost about a quarter of SmolLM2's tokens/s (90 against
-# 125). Its arenas ask for transparent huge pages, which count a whole 2 MiB page as resident once
-# any of it is touched: about 30 MB more RSS for SmolLM2, at the same speed (12 micro-batches, two runs each).
+# them at once, and faulting them in again costs tokens/s. Its arenas ask for transparent huge
+# pages, which count a whole 2 MiB page as resident once any of it is touched: more RSS at the
+# same speed. Both measured with bench/train_throughput.py (bench/results/train_throughput.md).
 _SETTINGS = {"mimalloc": {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_THP": "0"}}
 # ldconfig names of each allocator's system library, in the order tried
 _SYSTEM_NAMES = {"mimalloc": ("mimalloc",), "tcmalloc": ("tcmalloc_minimal", "tcmalloc"), "jemalloc": ("jemalloc",)}

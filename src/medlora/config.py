@@ -215,9 +215,11 @@ def resolve_precision(name: str, device: str) -> str:
         return name
     import torch
 
+    from medlora.fast import compat
+
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device == "cpu" and compat.mkldnn_bf16_supported():
         # AVX512-BF16 / AMX: bf16 matmuls run ~2x the fp32 rate here
         return "bf16"
     return "fp32"

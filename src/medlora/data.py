@@ -261,7 +261,7 @@ def collate_packed(examples: list[Example], share_prefix: bool = False) -> dict:
     position_ids restart at 0 for each conversation, which is how transformers tells the
     conversations apart (a 2-D attention mask would switch that off and let them attend to each
     other). cu_seq_lens marks the boundaries for attention kernels that run per conversation:
-    flash-attention's varlen path, and medlora's `sdpa_varlen` (medlora.model).
+    flash-attention's varlen path, and medlora's `sdpa_varlen` (medlora.fast.attention).
 
     `share_prefix` (sdpa_varlen only): the tokens every conversation of the row begins with, up to
     the first label (the safety system prompt), are laid once; the later conversations start
@@ -316,7 +316,7 @@ def real_tokens(batch: dict) -> int:
 
 def shared_tokens(batch: dict) -> int:
     """Tokens of a packed micro-batch's conversations that it does not compute: a shared prefix's
-    copies after the row's first, and a step prefix (medlora.prefix) in every conversation."""
+    copies after the row's first, and a step prefix (medlora.fast.prefix) in every conversation."""
     if "cu_seq_lens_q" not in batch:
         return 0
     conversations = len(batch["cu_seq_lens_q"]) - 1

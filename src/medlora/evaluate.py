@@ -17,12 +17,12 @@ import re
 from pathlib import Path
 
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 from medlora import data as medata
 from medlora.config import require, resolve_device, resolve_precision
+from medlora.fast import compat
 from medlora.files import sha256_file, write_jsonl
 from medlora.infer.assistant import Assistant, Reply
 from medlora.infer.session import describe_run, merged_for_speed, open_audit, validate
@@ -105,7 +105,7 @@ def _validate(e: DictConfig) -> None:
 
 def _accelerator(device: str, precision: str) -> Accelerator:
     # the same autocast as training, so the adapter's medical loss matches the training run's eval_loss
-    AcceleratorState._reset_state(reset_partial_state=True)
+    compat.reset_accelerator_state()
     return Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
 
 

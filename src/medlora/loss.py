@@ -1,98 +1,17 @@
-"""The causal-LM loss, summed over supervised tokens, with the LM head run only where it counts.
+"""The causal-LM loss, summed over supervised tokens, and the token-weighted eval loss.
 
-A plain forward materialises batch x length x vocabulary logits (49k columns for SmolLM2, 200k
-for Phi-4), casts them to fp32 and keeps them, with their softmax, for the backward pass: on a
-CPU that costs more time than the attention of all layers together, and most of the activation
-memory. The chunked path applies the head only at positions that have a label, a few hundred
-rows at a time, and computes the gradient with respect to the hidden states in the same pass, so
-no more than one chunk of logits is ever alive. The maths is the same cross-entropy.
+`chunked` runs the LM head only where a label exists (medlora.fast.loss): the same cross-entropy
+in less time and memory, for models whose head fast.apply found plain (Applied.chunked_loss).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
 
 from medlora.data import IGNORE, to_device
-
-log = logging.getLogger(__name__)
-
-# fp32 logits per chunk are CHUNK_ELEMENTS * 4 bytes (32 MB) whatever the vocabulary size; they
-# are alive with all the activations, and 128 MB chunks raised SmolLM2's peak RSS by 80 MB for no speed
-CHUNK_ELEMENTS = 2**23
-# config fields that change logits after the head; a model with any of them set uses its own loss
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
-
-
-class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i); the gradient is computed in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int):
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        ctx.weight_dtype = weight.dtype
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        # one buffer for every chunk, holding logits, then log-probabilities, then their gradient:
-        # a fresh logits and log-softmax pair per chunk, of a new size at each last chunk, left
-        # the allocator holding several (SmolLM2: 91 MiB more peak over a bench run of train.py)
-        buffer = torch.empty((min(rows, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
-        device = hidden.device.type
-        straight = weight.dtype == hidden.dtype == torch.float32 and not torch.is_autocast_enabled(device)
-        for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start: start + rows], targets[start: start + rows]
-            log_probs = buffer[: len(t)]
-            if straight:
-                torch.mm(h, weight.T, out=log_probs)
-            else:  # autocast or 16-bit weights: the product in that dtype, then widened to fp32, as before
-                log_probs.copy_(h @ weight.T)
-            if device == "cpu":
-                # in place: torch's CPU kernel reads a row before writing it (tests/test_speed.py checks)
-                torch.ops.aten._log_softmax.out(log_probs, -1, False, out=log_probs)
-            else:
-                log_probs = torch.log_softmax(log_probs, dim=-1)
-            total -= log_probs.gather(1, t[:, None]).sum()
-            if not (want_hidden or want_weight):
-                continue
-            # d loss / d logits = softmax - one_hot(target), built in place in the same buffer
-            probs = log_probs.exp_()
-            probs[torch.arange(len(t), device=t.device), t] -= 1
-            probs = probs.to(weight.dtype)
-            if want_hidden:
-                grad_hidden[start: start + rows] = probs @ weight
-            if want_weight:
-                grad_weight += (probs.T @ h.to(weight.dtype)).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of rows of `hidden` through a linear head without materialising all logits."""
-    rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, rows)
-
-
-def supports_chunked_loss(model) -> bool:
-    """The chunked path needs a plain linear head and no logit transform after it."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    head = base.get_output_embeddings()
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    plain_head = type(head) is torch.nn.Linear and head.bias is None
-    transformed = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
-    if not plain_head or transformed:
-        log.info("training.chunked_loss: this model's head (%s%s) needs the full logits; using the model's own loss",
-                 type(head).__name__, f", {', '.join(transformed)}" if transformed else "")
-        return False
-    return hasattr(base, "get_decoder")
+from medlora.fast.loss import chunked_loss_sum
 
 
 def loss_sum(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
@@ -108,10 +27,7 @@ def loss_sum(model, batch: dict, chunked: bool) -> tuple[torch.Tensor, int]:
     if not chunked:
         # the model averages over the supervised tokens; scale back to a sum
         return model(**inputs, labels=labels).loss * count, count
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][supervised]
-    head = base.get_output_embeddings()
-    return chunked_cross_entropy(hidden, head.weight, targets[supervised]), count
+    return chunked_loss_sum(model, inputs, targets, supervised), count
 
 
 @torch.no_grad()

@@ -13,22 +13,22 @@ from pathlib import Path
 import hydra
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from medlora import allocator
 from medlora import data as medata
+from medlora import fast
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail
 from medlora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from medlora.cli import RunInfo
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
+from medlora.fast import attention, compat
+from medlora.fast.prefix import run_prefix
 from medlora.files import folder_hashes, sha256_text
-from medlora.loss import loss_sum, mean_loss, supports_chunked_loss
+from medlora.loss import loss_sum, mean_loss
 from medlora.model import load_model, load_tokenizer, resolve_checkpoint
-from medlora.prefix import run_prefix
 from medlora.prepare import audit_data, prepare_data
 from medlora.tracking import Tracker, git_commit
 
@@ -71,6 +71,10 @@ class LoraRecipe:
       the prefix's LoRA dropout mask is drawn once per step or row instead of once per conversation.
     - The chunked loss (training.chunked_loss) runs the LM head only where a label exists: less
       time and memory, the same cross-entropy; models with a logit transform use their own loss.
+    - The speed path (medlora.fast: attention per packed conversation, fused LoRA layers, fast
+      dropout, the chunked loss, the shared prefix) is applied once in setup: less time and memory
+      for the same maths. What actually ran, and why a trick did not where a model cannot take it,
+      is self.applied, logged as resolved_* params.
     - Mixed precision through accelerate (precision); LoRA weights stay fp32.
     - Checkpoints every training.save_every steps resume exactly: weights, optimizer, scheduler,
       RNG and the sampler's place (medlora.checkpoint).
@@ -128,42 +132,25 @@ class LoraRecipe:
 
     def _setup_model(self, model_path: str) -> None:
         t = self.cfg.training
-        # accelerate keeps its state per process: without a reset, the jobs of a sweep run in one
-        # process would all train in the first job's precision
-        AcceleratorState._reset_state(reset_partial_state=True)
+        compat.reset_accelerator_state()  # a sweep's jobs in one process: each its own precision
         self.accelerator = Accelerator(cpu=self.device == "cpu",
                                        mixed_precision="no" if self.precision == "fp32" else self.precision)
-        model = load_model(model_path, self.cfg.model, self.precision, str(self.accelerator.device), packed=t.packing)
-        self.prefix_scope = self._prefix_scope(model.config._attn_implementation)
-        self.model, self.trainable, self.total = add_adapter(
-            model, self.cfg.lora, t.gradient_checkpointing, fast_dropout=t.fast_dropout,
-            autocast=self.precision != "fp32", fused=t.fused_lora)
-        self.chunked = t.chunked_loss and supports_chunked_loss(self.model)
-        # the step strategy is chosen once: the loop itself has no prefix branches
-        self._backward = self._backward_with_step_prefix if self.prefix_scope == "step" else self._backward_plain
+        model = load_model(model_path, self.cfg.model, self.precision, str(self.accelerator.device),
+                           attn_implementation=attention.implementation(self.cfg.model.attn_implementation, t.packing))
+        self.model, self.trainable, self.total = add_adapter(model, self.cfg.lora, t.gradient_checkpointing)
+        # what ran, not what was asked, decides the loaders, the loss and the step strategy
+        self.applied = fast.apply(self.model, t, precision=self.precision)
+        # chosen once: the loop itself has no prefix branches
+        self._backward = self._backward_with_step_prefix if self.applied.shared_prefix == "step" else self._backward_plain
         self.tracker.log_params({
             "trainable_params": self.trainable, "total_params": self.total,
             "trainable_percent": f"{100 * self.trainable / self.total:.4f}", "resolved_precision": self.precision,
-            "resolved_device": self.device, "resolved_allocator": allocator.in_use(),
-            "resolved_attention": model.config._attn_implementation, "resolved_chunked_loss": self.chunked,
-            "resolved_shared_prefix": self.prefix_scope or "off"})
-
-    def _prefix_scope(self, attention: str) -> str | None:
-        """training.shared_prefix_scope (row or step) where a shared prefix can apply: packed rows and
-        medlora's per-conversation sdpa; None where it cannot."""
-        t = self.cfg.training
-        if not (t.shared_prefix and t.packing):
-            return None
-        if attention != "sdpa_varlen":
-            log.info("training.shared_prefix: attention %s runs over whole rows, so every conversation keeps its own "
-                     "copy of the system prompt (model.attn_implementation=sdpa shares it)", attention)
-            return None
-        return t.shared_prefix_scope
+            "resolved_device": self.device, **self.applied.params()})
 
     def _setup_loaders(self) -> None:
         t, seed = self.cfg.training, self.cfg.seed
         pad_id, packed_tokens = self.tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
-        share = self.prefix_scope is not None
+        share = self.applied.shared_prefix != "off"
         self.train_loader = medata.make_loader(self.data.train_set, t.batch_size, pad_id, seed, train=True,
                                                group_by_length=t.group_by_length, packed_tokens=packed_tokens,
                                                share_prefix=share)
@@ -185,7 +172,7 @@ class LoraRecipe:
 
     def evaluate(self, stage: str) -> dict[str, float]:
         """Eval loss and perplexity; `stage` is before or after training, or a step in between."""
-        scores = mean_loss(self.model, self.eval_loader, self.accelerator, self.chunked)
+        scores = mean_loss(self.model, self.eval_loader, self.accelerator, self.applied.chunked_loss)
         log.info("%s: eval loss %.4f, perplexity %.2f", {"before": "before training", "after": "after training"}.get(
             stage, stage), scores["eval_loss"], scores["eval_perplexity"])
         if stage == "before":
@@ -257,13 +244,13 @@ class LoraRecipe:
         for batch in window:
             # autocast is explicit: the chunked loss calls the decoder, not the wrapped model forward
             with self.accelerator.autocast():
-                summed, _ = loss_sum(self.model, batch, self.chunked)
+                summed, _ = loss_sum(self.model, batch, self.applied.chunked_loss)
             self.accelerator.backward(summed / supervised)
             loss_total += summed.item()
         return loss_total, sum(medata.shared_tokens(batch) for batch in window)
 
     def _backward_with_step_prefix(self, window: list[dict], supervised: int) -> tuple[float, int]:
-        """The prefix the step's conversations share runs once (medlora.prefix), then the rows without it."""
+        """The prefix the step's conversations share runs once (medlora.fast.prefix), then the rows without it."""
         with self.accelerator.autocast():
             prefix, window = run_prefix(self.model, window)
         loss_total, spared = self._backward_plain(window, supervised)

@@ -5,10 +5,10 @@ already lay it once per row (medlora.data.collate_packed); an optimizer step of 
 still computed it once per row. Here the tokens that every conversation of the step begins with
 before its first label run through the decoder once, their keys and values at each layer are
 kept, and the step's rows leave them out: each conversation attends to them as if they stood
-before it (medlora.model.sdpa_varlen). The gradients the rows send to those keys and values are
-summed over the step and go back through the prefix's forward pass once, before the optimizer
-step: the same gradient as computing the prefix in every row, except that the prefix's LoRA
-dropout mask is drawn once per step.
+before it (medlora.fast.attention.sdpa_varlen). The gradients the rows send to those keys and
+values are summed over the step and go back through the prefix's forward pass once, before the
+optimizer step: the same gradient as computing the prefix in every row, except that the
+prefix's LoRA dropout mask is drawn once per step.
 """
 
 from __future__ import annotations
