@@ -188,7 +188,7 @@ def _prepare_data(args, work: Path, model_file: Path) -> dict:
         rows = [{"messages": with_system_prompt(c, safety.system_prompt)} for c in conversations]
         files[name] = work / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model_cfg = OmegaConf.load(model_file)
+    model_cfg = _model_config(model_file.stem)
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
     examples, stats = tokenize_dataset(load_conversations(files["train"]), tokenizer, None, args.max_seq_len, "truncate")
@@ -197,6 +197,14 @@ def _prepare_data(args, work: Path, model_file: Path) -> dict:
             "tokenizer_path": tokenizer_path, "lengths": lengths,
             "stats": {"conversations": stats.conversations, "tokens": stats.tokens,
                       "supervised_tokens": stats.supervised_tokens, "truncated": stats.truncated}}
+
+
+def _model_config(name: str):
+    """conf/model/<name>.yaml as train.py composes it (with the quantization blocks it includes)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"model={name}"]).model
 
 
 def _matmul_peak(dtype: str, n: int) -> float:
@@ -283,19 +291,18 @@ def _worker(args) -> None:
     """One TRL SFTTrainer run, as its documentation sets it up, with tokens counted as they are fed."""
     import torch
     from datasets import Dataset
-    from omegaconf import OmegaConf
     from peft import LoraConfig
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from medlora.config import resolve_device, resolve_precision
     from medlora.data import IGNORE, load_conversations, make_loader, tokenize_dataset
-    from medlora.model import load_tokenizer, quantization_config, resolve_checkpoint
     from medlora.loss import mean_loss as evaluate
+    from medlora.model import load_tokenizer, quantization_config, resolve_checkpoint
 
     options, folder = json.loads(args.worker), Path(args.work)
     precision = resolve_precision(options["precision"], resolve_device("auto"))
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    model_cfg = _model_config(args.model)
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
     # prompt-completion conversations: TRL's completion-only loss (its default for this format)
@@ -310,7 +317,7 @@ def _worker(args) -> None:
         disable_tqdm=True)
     lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules="all-linear",
                       task_type="CAUSAL_LM")
-    quant = quantization_config(model_cfg.quantization, torch.bfloat16)
+    quant = quantization_config(model_cfg, torch.bfloat16)
     trainer = SFTTrainer(model=model_path, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora, quantization_config=quant)
 

@@ -101,7 +101,7 @@ def test_a_cache_entry_made_twice_keeps_the_first_and_leaves_nothing_behind(tmp_
 def test_phi4_mini_is_4bit_qlora_and_reports_when_the_hub_is_out_of_reach():
     cfg = _compose("model=phi4_mini")
     assert cfg.model.base_model == "microsoft/Phi-4-mini-instruct"
-    quant = quantization_config(cfg.model.quantization, torch.bfloat16)
+    quant = quantization_config(cfg.model, torch.bfloat16)
     assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4" and quant.bnb_4bit_use_double_quant
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
     # tests run offline (HF_HUB_OFFLINE=1): loading must fail with our message, not a stack of retries
@@ -142,9 +142,11 @@ def test_medquad_experiment_points_at_shared_data():
                                      "training.optimizer._target_=torch.optim.AdamW"),
     ("training.scheduler._partial_=false", "training.scheduler._partial_ must be true"),
     ("optimized_metric=accuracy", "optimized_metric='accuracy' is not a metric of this run: use one of eval_loss"),
+    ("model.quantization=4bit model.quantization_config.bnb_4bit._partial_=false",
+     "model.quantization_config.bnb_4bit._partial_ must be true"),
 ])
 def test_bad_values_are_named(override, message):
-    cfg = _compose(override, *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
+    cfg = _compose(*override.split(), *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
     with pytest.raises(medconfig.MedloraError, match=message.replace("(", r"\(")):
         medconfig.validate(cfg)
 
@@ -172,8 +174,11 @@ def test_a_named_allocator_that_is_not_installed_names_the_fix(monkeypatch):
     assert allocator.choose("auto") == ("system", None)
 
 
-def test_auto_precision_and_device():
-    assert medconfig.resolve_device("auto") in ("cpu", "cuda")
-    assert medconfig.resolve_precision("fp32", "cpu") == "fp32"
-    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_follows_the_cpus_native_bf16(monkeypatch, native_bf16, expected):
+    from medlora.fast import compat
+
+    monkeypatch.setattr(compat, "mkldnn_bf16_supported", lambda: native_bf16)
     assert medconfig.resolve_precision("auto", "cpu") == expected
+    assert medconfig.resolve_precision("fp32", "cpu") == "fp32"  # a named precision is never changed
+    assert medconfig.resolve_device("auto") in ("cpu", "cuda")

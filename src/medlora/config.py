@@ -18,6 +18,8 @@ class MedloraError(Exception):
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUANTIZATIONS = ("none", "4bit", "8bit")
+# the block of model.quantization_config each quantization loads with (conf/quantization/bitsandbytes.yaml)
+QUANTIZATION_BLOCKS = {"4bit": "bnb_4bit", "8bit": "bnb_8bit"}
 PREFIX_SCOPES = ("step", "row")
 RANDOM_DTYPES = ("float32", "bfloat16", "float16")
 OVERLONG = ("truncate", "drop")
@@ -26,7 +28,8 @@ LORA_BIAS = ("none", "all", "lora_only")
 # (and which way is better: a grid sweep has no direction of its own; Optuna's hydra.sweeper.direction rules there)
 RUN_METRICS = {"eval_loss": "minimize", "eval_perplexity": "minimize", "train_tokens_per_second": "maximize",
                "train_supervised_tokens_per_second": "maximize", "train_shared_prefix_fraction": "maximize"}
-_EXAMPLES = {"training.optimizer": "torch.optim.AdamW", "training.scheduler": "transformers.get_scheduler"}
+_EXAMPLES = {"training.optimizer": "torch.optim.AdamW", "training.scheduler": "transformers.get_scheduler",
+             **{f"model.quantization_config.{b}": "transformers.BitsAndBytesConfig" for b in QUANTIZATION_BLOCKS.values()}}
 
 
 def require(ok: bool, message: str) -> None:
@@ -92,6 +95,9 @@ def validate_model(m: DictConfig) -> None:
         require(importlib.util.find_spec("bitsandbytes") is not None,
                 f"model.quantization={m.quantization} needs the bitsandbytes package, which is not "
                 "installed. Install it (`.venv/bin/pip install bitsandbytes`) or set model.quantization=none.")
+        block = QUANTIZATION_BLOCKS[m.quantization]
+        if m.get("quantization_config") is not None:  # absent where a model config is read on its own
+            _check_target(m.quantization_config.get(block), f"model.quantization_config.{block}", libraries=False)
     require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
     keep = m.get("keep_layers")
     require(keep is None or (isinstance(keep, int) and not isinstance(keep, bool) and keep > 0),
@@ -220,6 +226,6 @@ def resolve_precision(name: str, device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device == "cpu" and compat.mkldnn_bf16_supported():
-        # AVX512-BF16 / AMX: bf16 matmuls run ~2x the fp32 rate here
+        # AVX512-BF16 / AMX: native bf16 matmuls outrun fp32 (bench/results/avx512-bf16/)
         return "bf16"
     return "fp32"

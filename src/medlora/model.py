@@ -11,11 +11,12 @@ import json
 import logging
 from pathlib import Path
 
+import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from medlora.config import MedloraError
+from medlora.config import QUANTIZATION_BLOCKS, MedloraError
 from medlora.fast import compat
 from medlora.files import save_folder, sha256_file, sha256_text
 
@@ -112,13 +113,18 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if kind == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    if kind == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+def quantization_config(model_cfg: DictConfig, compute_dtype: torch.dtype):
+    """The block model.quantization names (model.quantization_config.bnb_4bit or .bnb_8bit) called
+    with the compute dtype, or None for unquantized weights."""
+    kind = model_cfg.quantization
+    if kind == "none":
+        return None
+    key = QUANTIZATION_BLOCKS[kind]
+    block = OmegaConf.select(model_cfg, f"quantization_config.{key}")
+    if block is None:
+        raise MedloraError(f"model.quantization={kind} needs a model.quantization_config.{key} block: compose the "
+                           "model through its config group (conf/model/*.yaml include conf/quantization/), or give one.")
+    return hydra.utils.instantiate(block)(bnb_4bit_compute_dtype=compute_dtype)
 
 
 def load_model(path: str, model_cfg: DictConfig, precision: str, device: str, attn_implementation: str | None = None):
@@ -130,7 +136,7 @@ def load_model(path: str, model_cfg: DictConfig, precision: str, device: str, at
     dtype = DTYPES[precision]
     kwargs = {"dtype": dtype, "attn_implementation": attn_implementation or model_cfg.attn_implementation,
               "trust_remote_code": model_cfg.trust_remote_code}
-    quant = quantization_config(model_cfg.quantization, dtype if dtype != torch.float32 else torch.bfloat16)
+    quant = quantization_config(model_cfg, dtype if dtype != torch.float32 else torch.bfloat16)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map=model_cfg.device_map or {"": device})
     elif model_cfg.device_map:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig, OmegaConf
 
-from medlora.safety.content import filter_conversations
 from medlora.files import sha256_text
+from medlora.safety.content import filter_conversations
 from medlora.safety.phi import PhiRedactor
 
 

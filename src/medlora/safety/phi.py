@@ -729,9 +729,16 @@ def _presidio_recognizers() -> tuple:
     """Built once: importing presidio takes seconds (it imports its NLP engines), so only when first needed."""
     try:
         import tldextract
-        from presidio_analyzer.predefined_recognizers import (CreditCardRecognizer, EmailRecognizer, IbanRecognizer,
-                                                              IpRecognizer, MacAddressRecognizer, PhoneRecognizer,
-                                                              UrlRecognizer, UsSsnRecognizer)
+        from presidio_analyzer.predefined_recognizers import (
+            CreditCardRecognizer,
+            EmailRecognizer,
+            IbanRecognizer,
+            IpRecognizer,
+            MacAddressRecognizer,
+            PhoneRecognizer,
+            UrlRecognizer,
+            UsSsnRecognizer,
+        )
     except ImportError as err:
         raise MedloraError(f"PHI redaction needs presidio-analyzer, which cannot be imported ({err}). Install it: "
                            "`.venv/bin/pip install presidio-analyzer==2.2.366`.") from err

@@ -27,7 +27,7 @@ _FACILITY_NOUN = re.compile(r"(?i)(hospitals?|medical cent(?:er|re)|health cent(
 
 class Surrogates:
     def __init__(self, seed: int, key: str):
-        digest = hashlib.sha256(f"{seed}\n{key}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{seed}\n{key}".encode()).digest()
         self.random = random.Random(digest)
         self.faker = Faker("en_US")
         self.faker.seed_instance(int.from_bytes(digest[:8], "big"))

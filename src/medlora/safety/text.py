@@ -86,9 +86,8 @@ def negated(before: str, cues: re.Pattern, words: int | None = None, *, breaks: 
             continue
         scope_start = brk.end()
     scope = before[scope_start:]
-    last = None
-    for last in cues.finditer(scope):
-        pass
-    if last is None:
+    found = list(cues.finditer(scope))
+    if not found:
         return False
+    last = found[-1]
     return words is None or len(_WORD.findall(scope[last.end():])) <= words

@@ -18,10 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.files import sha256_file
+from medlora.safety.settings import medical_defaults
 from medlora.safety.triage import Triage
 from medlora.safety.triage_data import read_rows
 from medlora.safety.triage_model import FLAGGED, LABELS, MANIFEST, WEIGHTS, TriageModel
-from medlora.safety.settings import medical_defaults
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from medlora.files import sha256_file
 from medlora.config import MedloraError
+from medlora.files import sha256_file
 
 log = logging.getLogger(__name__)
 
