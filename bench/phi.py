@@ -69,36 +69,59 @@ def _medquad() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         start = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "medlora.safety", "redact", "--in", str(MEDQUAD), "--out",
-                               str(Path(tmp) / "out.jsonl"), "--report", str(report)], cwd=ROOT,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medlora.safety",
+                "redact",
+                "--in",
+                str(MEDQUAD),
+                "--out",
+                str(Path(tmp) / "out.jsonl"),
+                "--report",
+                str(report),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - start
         if done.returncode != 0:
             raise SystemExit(f"redact failed: {done.stderr[-2000:]}")
         data = json.loads(report.read_text())
     conversations = data["conversations"]["in"]
-    return {"conversations": conversations, "wall_s": wall, "conversations_per_s": conversations / wall,
-            "placeholders": data["phi_total"], "placeholders_by_category": {k: v for k, v in data["phi"].items() if v},
-            "conversations_touched": data["conversations"]["redacted"]}
+    return {
+        "conversations": conversations,
+        "wall_s": wall,
+        "conversations_per_s": conversations / wall,
+        "placeholders": data["phi_total"],
+        "placeholders_by_category": {k: v for k, v in data["phi"].items() if v},
+        "conversations_touched": data["conversations"]["redacted"],
+    }
 
 
 def _table(r: dict) -> str:
-    lines = [f"# PHI redaction\n\nMade by `{r['command']}` on {r['machine']['cpus']} CPU cores "
-             f"({r['machine']['processor']}, Python {r['machine']['python']}).\n",
-             "dev: data/phi_deid/dev, which the rules were tuned on. test: data/phi_deid/test, written by other "
-             "authors; test-unseen: its three files that no engineer saw before this measurement (four others "
-             "were seen once, see data/phi_deid/README.md). ner: the default (spaCy en_core_web_sm + rules); "
-             "rules: `ner_model: null`.\n",
-             "| split / layers | notes | identifiers | Safe Harbor recall | names | dates | PHI-free notes touched | "
-             "placeholders per PHI-free note | clinical values kept |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# PHI redaction\n\nMade by `{r['command']}` on {r['machine']['cpus']} CPU cores "
+        f"({r['machine']['processor']}, Python {r['machine']['python']}).\n",
+        "dev: data/phi_deid/dev, which the rules were tuned on. test: data/phi_deid/test, written by other "
+        "authors; test-unseen: its three files that no engineer saw before this measurement (four others "
+        "were seen once, see data/phi_deid/README.md). ner: the default (spaCy en_core_web_sm + rules); "
+        "rules: `ner_model: null`.\n",
+        "| split / layers | notes | identifiers | Safe Harbor recall | names | dates | PHI-free notes touched | "
+        "placeholders per PHI-free note | clinical values kept |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for key, g in r["gold"].items():
         names, dates = g["recall"].get("NAME", {}), g["recall"].get("DATE", {})
-        lines.append(f"| {key} | {g['notes']} | {g['identifiers']} | {g['safe_harbor_recall']:.3f} | "
-                     f"{names.get('recall', 0):.3f} | {dates.get('recall', 0):.3f} | "
-                     f"{g['phi_free_touched']:.3f} ({g['phi_free_notes']}) | "
-                     f"{g['placeholders_per_phi_free_note']:.2f} | {g['clinical_kept']:.3f} "
-                     f"({g['clinical_values']}) |")
+        lines.append(
+            f"| {key} | {g['notes']} | {g['identifiers']} | {g['safe_harbor_recall']:.3f} | "
+            f"{names.get('recall', 0):.3f} | {dates.get('recall', 0):.3f} | "
+            f"{g['phi_free_touched']:.3f} ({g['phi_free_notes']}) | "
+            f"{g['placeholders_per_phi_free_note']:.2f} | {g['clinical_kept']:.3f} "
+            f"({g['clinical_values']}) |"
+        )
     lines += ["", "Recall per gold type (found / total):", ""]
     types = sorted({t for g in r["gold"].values() for t in g["recall"]})
     lines += ["| split / layers | " + " | ".join(types) + " |", "|---" * (len(types) + 1) + "|"]
@@ -107,14 +130,20 @@ def _table(r: dict) -> str:
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if "medquad" in r:
         m = r["medquad"]
-        lines += ["", f"`python -m medlora.safety redact` on {m['conversations']:,} MedQuAD conversations (NER on, "
-                      f"one worker per core): {m['wall_s']:.0f} s wall ({m['conversations_per_s']:.0f} "
-                      f"conversations/s). MedQuAD names no patients: its {m['placeholders']:,} placeholders in "
-                      f"{m['conversations_touched']:,} conversations are mostly over-redaction "
-                      f"({', '.join(f'{k} {v}' for k, v in m['placeholders_by_category'].items())})."]
-    lines += ["", "DATE_YEAR: a year alone, which Safe Harbor allows; it is not counted in the pooled recall, nor is "
-                  "FACILITY. An identifier counts as removed when redacted spans of any category cover all its "
-                  "letters and digits (a leading title such as 'Dr.' may stay)."]
+        lines += [
+            "",
+            f"`python -m medlora.safety redact` on {m['conversations']:,} MedQuAD conversations (NER on, "
+            f"one worker per core): {m['wall_s']:.0f} s wall ({m['conversations_per_s']:.0f} "
+            f"conversations/s). MedQuAD names no patients: its {m['placeholders']:,} placeholders in "
+            f"{m['conversations_touched']:,} conversations are mostly over-redaction "
+            f"({', '.join(f'{k} {v}' for k, v in m['placeholders_by_category'].items())}).",
+        ]
+    lines += [
+        "",
+        "DATE_YEAR: a year alone, which Safe Harbor allows; it is not counted in the pooled recall, nor is "
+        "FACILITY. An identifier counts as removed when redacted spans of any category cover all its "
+        "letters and digits (a leading title such as 'Dr.' may stay).",
+    ]
     return "\n".join(lines) + "\n"
 
 

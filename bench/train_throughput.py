@@ -38,10 +38,18 @@ SETTINGS = {
     # the same packed batches with every speed option off: fp32, eager attention over a
     # block-diagonal mask, the model's own loss, peft's LoRA layers with torch's dropout, glibc's
     # malloc. Only speed and memory may differ from medlora
-    "medlora-plain": ("medlora", ["training.chunked_loss=false", "training.fast_dropout=false", "precision=fp32",
-                                  "training.shared_prefix=false",
-                                  "model.attn_implementation=eager", "training.fused_lora=false",
-                                  "training.allocator=system"]),
+    "medlora-plain": (
+        "medlora",
+        [
+            "training.chunked_loss=false",
+            "training.fast_dropout=false",
+            "precision=fp32",
+            "training.shared_prefix=false",
+            "model.attn_implementation=eager",
+            "training.fused_lora=false",
+            "training.allocator=system",
+        ],
+    ),
     # the fast path with every conversation computing its own copy of the system prompt
     "medlora-unshared": ("medlora", ["training.shared_prefix=false"]),
     # the system prompt computed once per packed row instead of once per optimizer step
@@ -66,8 +74,18 @@ SETTINGS = {
 }
 # TRL's default and its fastest setting; `--settings all` adds TRL's packing alone and bf16 alone,
 # medlora-glibc and trl-fastest-mimalloc
-DEFAULT_SETTINGS = ["medlora", "medlora-seed43", "medlora-plain", "medlora-rowprefix", "medlora-unshared", "medlora-fp32", "medlora-unpacked",
-                    "medlora-lowmem", "trl-default", "trl-fastest"]
+DEFAULT_SETTINGS = [
+    "medlora",
+    "medlora-seed43",
+    "medlora-plain",
+    "medlora-rowprefix",
+    "medlora-unshared",
+    "medlora-fp32",
+    "medlora-unpacked",
+    "medlora-lowmem",
+    "trl-default",
+    "trl-fastest",
+]
 DEFINITIONS = """\
 - **real tok/s**: tokens of the conversations (system prompt, question, reply, template tokens;
   never padding) processed by the training loop, divided by the loop's wall time (model loading,
@@ -139,9 +157,18 @@ def main() -> None:
     results.sort(key=lambda r: order.index(r["setting"]))
     report = _report(results, data, peaks, args)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps(
-        {"machine": _machine(), "args": vars(args), "matmul_peak_gflops": peaks, "data": data["stats"],
-         "results": results}, indent=2))
+    (out / "train_throughput.json").write_text(
+        json.dumps(
+            {
+                "machine": _machine(),
+                "args": vars(args),
+                "matmul_peak_gflops": peaks,
+                "data": data["stats"],
+                "results": results,
+            },
+            indent=2,
+        )
+    )
     (out / "train_throughput.md").write_text(report)
     print(report)
 
@@ -150,8 +177,11 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     default_data = MEDQUAD / "train.jsonl" if (MEDQUAD / "train.jsonl").is_file() else SAMPLE / "train.jsonl"
     default_eval = MEDQUAD / "eval.jsonl" if (MEDQUAD / "eval.jsonl").is_file() else SAMPLE / "eval.jsonl"
-    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
-                   help="comma-separated, from: " + ", ".join(SETTINGS) + "; or all")
+    p.add_argument(
+        "--settings",
+        default=",".join(DEFAULT_SETTINGS),
+        help="comma-separated, from: " + ", ".join(SETTINGS) + "; or all",
+    )
     p.add_argument("--model", default="smollm2_135m", help="a config name from conf/model/")
     p.add_argument("--data", default=str(default_data), help="JSONL conversations to train on")
     p.add_argument("--eval-data", default=str(default_eval))
@@ -166,8 +196,11 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--merge", action="store_true",
-                   help="add these settings to the results already in --out (same arguments) instead of starting over")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these settings to the results already in --out (same arguments) instead of starting over",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     return p.parse_args()
@@ -191,12 +224,23 @@ def _prepare_data(args, work: Path, model_file: Path) -> dict:
     model_cfg = _model_config(model_file.stem)
     model_path, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), args.seed)
     tokenizer = load_tokenizer(tokenizer_path)
-    examples, stats = tokenize_dataset(load_conversations(files["train"]), tokenizer, None, args.max_seq_len, "truncate")
+    examples, stats = tokenize_dataset(
+        load_conversations(files["train"]), tokenizer, None, args.max_seq_len, "truncate"
+    )
     lengths = [len(e.input_ids) for e in examples]
-    return {"train": str(files["train"]), "eval": str(files["eval"]), "model_path": model_path,
-            "tokenizer_path": tokenizer_path, "lengths": lengths,
-            "stats": {"conversations": stats.conversations, "tokens": stats.tokens,
-                      "supervised_tokens": stats.supervised_tokens, "truncated": stats.truncated}}
+    return {
+        "train": str(files["train"]),
+        "eval": str(files["eval"]),
+        "model_path": model_path,
+        "tokenizer_path": tokenizer_path,
+        "lengths": lengths,
+        "stats": {
+            "conversations": stats.conversations,
+            "tokens": stats.tokens,
+            "supervised_tokens": stats.supervised_tokens,
+            "truncated": stats.truncated,
+        },
+    }
 
 
 def _model_config(name: str):
@@ -215,15 +259,17 @@ def _matmul_peak(dtype: str, n: int) -> float:
     """
     from medlora.model import DTYPES  # repr: torch.float32, ...
 
-    code = ("import torch,time\n"
-            f"d={DTYPES[dtype]};a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
-            "dev='cuda' if torch.cuda.is_available() else 'cpu';a,b=a.to(dev),b.to(dev)\n"
-            "sync=torch.cuda.synchronize if dev=='cuda' else (lambda:None)\n"
-            "a@b;sync();best,rounds,spent=0,0,0.0\n"
-            "while rounds<3 or spent<3:\n"
-            "  t=time.perf_counter();a@b;sync();s=time.perf_counter()-t\n"
-            f"  best,rounds,spent=max(best,2*{n}**3/s/1e9),rounds+1,spent+s\n"
-            "print(best)")
+    code = (
+        "import torch,time\n"
+        f"d={DTYPES[dtype]};a=torch.randn({n},{n},dtype=d);b=torch.randn({n},{n},dtype=d)\n"
+        "dev='cuda' if torch.cuda.is_available() else 'cpu';a,b=a.to(dev),b.to(dev)\n"
+        "sync=torch.cuda.synchronize if dev=='cuda' else (lambda:None)\n"
+        "a@b;sync();best,rounds,spent=0,0,0.0\n"
+        "while rounds<3 or spent<3:\n"
+        "  t=time.perf_counter();a@b;sync();s=time.perf_counter()-t\n"
+        f"  best,rounds,spent=max(best,2*{n}**3/s/1e9),rounds+1,spent+s\n"
+        "print(best)"
+    )
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -234,8 +280,19 @@ def _run_setting(name: str, args, data: dict, work: Path) -> dict:
     if framework == "medlora":
         cmd = [sys.executable, str(ROOT / "train.py"), *_medlora_overrides(args, data, folder), *options]
     else:
-        cmd = [sys.executable, __file__, "--worker", json.dumps(options), "--work", str(folder),
-               *_passthrough(args), "--data", data["train"], "--eval-data", data["eval"]]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            json.dumps(options),
+            "--work",
+            str(folder),
+            *_passthrough(args),
+            "--data",
+            data["train"],
+            "--eval-data",
+            data["eval"],
+        ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if framework == "trl" and options.get("allocator"):
         from medlora.allocator import preload_env
@@ -254,21 +311,46 @@ def _run_setting(name: str, args, data: dict, work: Path) -> dict:
 
 
 def _passthrough(args) -> list[str]:
-    keep = ("model", "samples", "eval_samples", "max_seq_len", "batch_size", "rank", "alpha", "dropout",
-            "learning_rate", "seed")
+    keep = (
+        "model",
+        "samples",
+        "eval_samples",
+        "max_seq_len",
+        "batch_size",
+        "rank",
+        "alpha",
+        "dropout",
+        "learning_rate",
+        "seed",
+    )
     return [item for k in keep for item in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
 
 
 def _medlora_overrides(args, data: dict, folder: Path) -> list[str]:
-    return [f"model={args.model}", "data=jsonl", f"data.train_file={data['train']}", f"data.eval_file={data['eval']}",
-            f"lora.rank={args.rank}", f"lora.alpha={args.alpha}", f"lora.dropout={args.dropout}",
-            f"training.learning_rate={args.learning_rate}", "training.lr_scheduler=linear", "training.warmup_ratio=0",
-            # the same tokens per optimizer step as TRL's batch of batch_size rows, in micro-batches of one
-            # row each (medlora's default: faster and leaner on a CPU; the gradient is the same)
-            "training.batch_size=1", f"training.gradient_accumulation_steps={args.batch_size}",
-            f"training.max_seq_len={args.max_seq_len}", "training.max_steps=0", "training.num_epochs=1",
-            f"seed={args.seed}", f"hydra.run.dir={folder}/run", f"tracking.uri=sqlite:///{folder}/mlflow.db",
-            f"tracking.artifact_location={folder}/artifacts", "tracking.log_adapter=false"]
+    return [
+        f"model={args.model}",
+        "data=jsonl",
+        f"data.train_file={data['train']}",
+        f"data.eval_file={data['eval']}",
+        f"lora.rank={args.rank}",
+        f"lora.alpha={args.alpha}",
+        f"lora.dropout={args.dropout}",
+        f"training.learning_rate={args.learning_rate}",
+        "training.lr_scheduler=linear",
+        "training.warmup_ratio=0",
+        # the same tokens per optimizer step as TRL's batch of batch_size rows, in micro-batches of one
+        # row each (medlora's default: faster and leaner on a CPU; the gradient is the same)
+        "training.batch_size=1",
+        f"training.gradient_accumulation_steps={args.batch_size}",
+        f"training.max_seq_len={args.max_seq_len}",
+        "training.max_steps=0",
+        "training.num_epochs=1",
+        f"seed={args.seed}",
+        f"hydra.run.dir={folder}/run",
+        f"tracking.uri=sqlite:///{folder}/mlflow.db",
+        f"tracking.artifact_location={folder}/artifacts",
+        "tracking.log_adapter=false",
+    ]
 
 
 def _medlora_result(folder: Path) -> dict:
@@ -278,13 +360,19 @@ def _medlora_result(folder: Path) -> dict:
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     m = run.data.metrics
     losses = [x.value for x in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda x: x.step)]
-    return {"real_tokens_per_second": m["train_tokens_per_second"],
-            "supervised_tokens_per_second": m["train_supervised_tokens_per_second"],
-            "eval_loss_before": m["eval_loss_before"], "eval_loss": m["eval_loss"], "train_losses": losses,
-            "steps": len(losses), "precision": run.data.params["resolved_precision"],
-            "trainable_params": int(run.data.params["trainable_params"]),
-            "total_params": int(run.data.params["total_params"]), "peak_gpu_gb": m.get("peak_gpu_memory_gb"),
-            "shared_prefix_fraction": m.get("train_shared_prefix_fraction", 0.0)}
+    return {
+        "real_tokens_per_second": m["train_tokens_per_second"],
+        "supervised_tokens_per_second": m["train_supervised_tokens_per_second"],
+        "eval_loss_before": m["eval_loss_before"],
+        "eval_loss": m["eval_loss"],
+        "train_losses": losses,
+        "steps": len(losses),
+        "precision": run.data.params["resolved_precision"],
+        "trainable_params": int(run.data.params["trainable_params"]),
+        "total_params": int(run.data.params["total_params"]),
+        "peak_gpu_gb": m.get("peak_gpu_memory_gb"),
+        "shared_prefix_fraction": m.get("train_shared_prefix_fraction", 0.0),
+    }
 
 
 def _worker(args) -> None:
@@ -308,25 +396,50 @@ def _worker(args) -> None:
     # prompt-completion conversations: TRL's completion-only loss (its default for this format)
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in load_conversations(args.data)]
     config = SFTConfig(
-        output_dir=str(folder / "out"), max_length=args.max_seq_len, packing=options["packing"],
-        bf16=precision == "bf16", fp16=precision == "fp16",
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1, num_train_epochs=1,
-        learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1,
-        save_strategy="no", report_to="none", seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(folder / "out"),
+        max_length=args.max_seq_len,
+        packing=options["packing"],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not torch.cuda.is_available(),
         model_init_kwargs={"attn_implementation": model_cfg.attn_implementation},
-        disable_tqdm=True)
-    lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+        disable_tqdm=True,
+    )
+    lora = LoraConfig(
+        r=args.rank,
+        lora_alpha=args.alpha,
+        lora_dropout=args.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     quant = quantization_config(model_cfg, torch.bfloat16)
-    trainer = SFTTrainer(model=model_path, args=config, train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, peft_config=lora, quantization_config=quant)
+    trainer = SFTTrainer(
+        model=model_path,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=lora,
+        quantization_config=quant,
+    )
 
     counts = {"tokens": 0, "supervised": 0}
     collate = trainer.data_collator
 
     def counting(features):
         batch = collate(features)
-        counts["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        counts["tokens"] += (
+            int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        )
         counts["supervised"] += int((batch["labels"][..., 1:] != IGNORE).sum())
         return batch
 
@@ -341,18 +454,27 @@ def _worker(args) -> None:
             clock["seconds"] = time.perf_counter() - clock["start"]
 
     trainer.add_callback(Clock())
-    eval_examples, _ = tokenize_dataset(load_conversations(args.eval_data), tokenizer, None, args.max_seq_len, "truncate")
+    eval_examples, _ = tokenize_dataset(
+        load_conversations(args.eval_data), tokenizer, None, args.max_seq_len, "truncate"
+    )
     eval_loader = make_loader(eval_examples, args.batch_size, tokenizer.pad_token_id, args.seed, train=False)
     before = evaluate(trainer.model, eval_loader, trainer.accelerator)["eval_loss"]
     trainer.train()
     after = evaluate(trainer.model, eval_loader, trainer.accelerator)["eval_loss"]
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     trainable, total = trainer.model.get_nb_trainable_parameters()
-    result = {"real_tokens_per_second": counts["tokens"] / clock["seconds"],
-              "supervised_tokens_per_second": counts["supervised"] / clock["seconds"],
-              "eval_loss_before": before, "eval_loss": after, "train_losses": losses, "steps": len(losses),
-              "precision": precision, "trainable_params": trainable, "total_params": total,
-              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None}
+    result = {
+        "real_tokens_per_second": counts["tokens"] / clock["seconds"],
+        "supervised_tokens_per_second": counts["supervised"] / clock["seconds"],
+        "eval_loss_before": before,
+        "eval_loss": after,
+        "train_losses": losses,
+        "steps": len(losses),
+        "precision": precision,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else None,
+    }
     (folder / "result.json").write_text(json.dumps(result))
 
 
@@ -372,26 +494,38 @@ def _model_flops(data: dict) -> tuple[float, int]:
 def _report(results: list[dict], data: dict, peaks: dict, args) -> str:
     attention, head = _model_flops(data)
     n = results[0]["total_params"]
-    rows = ["| setting | precision | real tok/s | supervised tok/s | peak RSS | MFU | steps | eval loss |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | precision | real tok/s | supervised tok/s | peak RSS | MFU | steps | eval loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         computed = r["real_tokens_per_second"] * (1 - r.get("shared_prefix_fraction", 0.0))
         mfu = (4 * n + attention) * computed / (peaks[r["precision"]] * 1e9)
         r["mfu"] = mfu
         gpu = f" ({r['peak_gpu_gb']:.1f} GB GPU)" if r.get("peak_gpu_gb") else ""
-        rows.append(f"| {r['setting']} | {r['precision']} | {r['real_tokens_per_second']:.0f} | "
-                    f"{r['supervised_tokens_per_second']:.0f} | {r['peak_rss_gb']:.2f} GB{gpu} | {mfu:.1%} | "
-                    f"{r['steps']} | {r['eval_loss']:.4f} |")
+        rows.append(
+            f"| {r['setting']} | {r['precision']} | {r['real_tokens_per_second']:.0f} | "
+            f"{r['supervised_tokens_per_second']:.0f} | {r['peak_rss_gb']:.2f} GB{gpu} | {mfu:.1%} | "
+            f"{r['steps']} | {r['eval_loss']:.4f} |"
+        )
     ratios = _ratios(results)
     stats = data["stats"]
-    header = (f"# Training throughput: {args.model}, LoRA r={args.rank} alpha={args.alpha:g} dropout={args.dropout:g} "
-              f"all-linear, max length {args.max_seq_len}, batch {args.batch_size}\n\n"
-              f"{stats['conversations']} conversations ({stats['tokens']:,} tokens, {stats['supervised_tokens']:,} "
-              f"supervised, {stats['truncated']} truncated), one epoch; {_machine()}\n\n")
+    header = (
+        f"# Training throughput: {args.model}, LoRA r={args.rank} alpha={args.alpha:g} dropout={args.dropout:g} "
+        f"all-linear, max length {args.max_seq_len}, batch {args.batch_size}\n\n"
+        f"{stats['conversations']} conversations ({stats['tokens']:,} tokens, {stats['supervised_tokens']:,} "
+        f"supervised, {stats['truncated']} truncated), one epoch; {_machine()}\n\n"
+    )
     measured = ", ".join(f"{dtype}: {gflops:.0f} GFLOP/s" for dtype, gflops in sorted(peaks.items()))
-    definitions = DEFINITIONS.format(n=args.matmul_size, peaks=measured, params=n,
-                                     attn=attention, head_share=head / n, eval_n=args.eval_samples,
-                                     before=results[0]["eval_loss_before"])
+    definitions = DEFINITIONS.format(
+        n=args.matmul_size,
+        peaks=measured,
+        params=n,
+        attn=attention,
+        head_share=head / n,
+        eval_n=args.eval_samples,
+        before=results[0]["eval_loss_before"],
+    )
     return header + "\n".join(rows) + "\n\n" + ratios + "\n\nDefinitions:\n" + definitions
 
 
@@ -403,36 +537,56 @@ def _ratios(results: list[dict]) -> str:
     lines = []
     if "medlora" in by and trl:
         m, fastest, leanest = by["medlora"], _fastest(trl), _leanest(trl)
-        lines.append(f"- medlora vs TRL's fastest setting ({fastest['setting']}): {_speed_ratio(m, fastest):.2f}x the "
-                     f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of TRL's lowest "
-                     f"({leanest['setting']}, {leanest['peak_rss_gb']:.2f} GB)")
+        lines.append(
+            f"- medlora vs TRL's fastest setting ({fastest['setting']}): {_speed_ratio(m, fastest):.2f}x the "
+            f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of TRL's lowest "
+            f"({leanest['setting']}, {leanest['peak_rss_gb']:.2f} GB)"
+        )
         if "medlora-lowmem" in by:
             low = by["medlora-lowmem"]
-            lines.append(f"- medlora-lowmem vs the same: {_speed_ratio(low, fastest):.2f}x the supervised tokens/s; "
-                         f"peak RSS {low['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of TRL's lowest")
+            lines.append(
+                f"- medlora-lowmem vs the same: {_speed_ratio(low, fastest):.2f}x the supervised tokens/s; "
+                f"peak RSS {low['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of TRL's lowest"
+            )
     if "medlora" in by and trl_preloaded:
         m, fastest, leanest = by["medlora"], _fastest(trl_preloaded), _leanest(trl_preloaded)
-        lines.append(f"- medlora vs TRL on medlora's allocator ({fastest['setting']}): {_speed_ratio(m, fastest):.2f}x the "
-                     f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of its "
-                     f"{leanest['peak_rss_gb']:.2f} GB")
+        lines.append(
+            f"- medlora vs TRL on medlora's allocator ({fastest['setting']}): {_speed_ratio(m, fastest):.2f}x the "
+            f"supervised tokens/s; peak RSS {m['peak_rss_gb'] / leanest['peak_rss_gb']:.2f} of its "
+            f"{leanest['peak_rss_gb']:.2f} GB"
+        )
     if by.get("medlora", {}).get("shared_prefix_fraction"):
-        others = [f"{_speed_ratio(by['medlora'], by[name]):.2f}x the supervised tokens/s of {name} "
-                  f"({by[name]['shared_prefix_fraction']:.1%} spared, eval loss {by[name]['eval_loss']:.4f})"
-                  for name in ("medlora-rowprefix", "medlora-unshared") if name in by]
-        lines.append(f"- medlora computed the prefix its conversations share (the system prompt) once per optimizer "
-                     f"step: {by['medlora']['shared_prefix_fraction']:.1%} of the real tokens spared"
-                     + "".join(f"; {other}" for other in others))
+        others = [
+            f"{_speed_ratio(by['medlora'], by[name]):.2f}x the supervised tokens/s of {name} "
+            f"({by[name]['shared_prefix_fraction']:.1%} spared, eval loss {by[name]['eval_loss']:.4f})"
+            for name in ("medlora-rowprefix", "medlora-unshared")
+            if name in by
+        ]
+        lines.append(
+            f"- medlora computed the prefix its conversations share (the system prompt) once per optimizer "
+            f"step: {by['medlora']['shared_prefix_fraction']:.1%} of the real tokens spared"
+            + "".join(f"; {other}" for other in others)
+        )
     if {"medlora", "medlora-plain"} <= by.keys():
-        noise = (f"; seed 42 vs 43 of the fast path: {abs(by['medlora']['eval_loss'] - by['medlora-seed43']['eval_loss']):.4f}"
-                 if "medlora-seed43" in by else "")
-        lines.append(f"- eval loss, fast path vs plain path (same batches and seed): {by['medlora']['eval_loss']:.4f} vs "
-                     f"{by['medlora-plain']['eval_loss']:.4f}, difference "
-                     f"{abs(by['medlora']['eval_loss'] - by['medlora-plain']['eval_loss']):.4f}{noise}")
+        noise = (
+            f"; seed 42 vs 43 of the fast path: {abs(by['medlora']['eval_loss'] - by['medlora-seed43']['eval_loss']):.4f}"
+            if "medlora-seed43" in by
+            else ""
+        )
+        lines.append(
+            f"- eval loss, fast path vs plain path (same batches and seed): {by['medlora']['eval_loss']:.4f} vs "
+            f"{by['medlora-plain']['eval_loss']:.4f}, difference "
+            f"{abs(by['medlora']['eval_loss'] - by['medlora-plain']['eval_loss']):.4f}{noise}"
+        )
         if "medlora-fp32" in by:
-            lines.append(f"- eval loss of the fast path in fp32: {by['medlora-fp32']['eval_loss']:.4f}, "
-                         f"{abs(by['medlora-fp32']['eval_loss'] - by['medlora-plain']['eval_loss']):.4f} from the plain path")
-        lines.append(f"- speed-up of the fast path over the plain path: "
-                     f"{by['medlora']['real_tokens_per_second'] / by['medlora-plain']['real_tokens_per_second']:.2f}x")
+            lines.append(
+                f"- eval loss of the fast path in fp32: {by['medlora-fp32']['eval_loss']:.4f}, "
+                f"{abs(by['medlora-fp32']['eval_loss'] - by['medlora-plain']['eval_loss']):.4f} from the plain path"
+            )
+        lines.append(
+            f"- speed-up of the fast path over the plain path: "
+            f"{by['medlora']['real_tokens_per_second'] / by['medlora-plain']['real_tokens_per_second']:.2f}x"
+        )
     return "\n".join(lines)
 
 

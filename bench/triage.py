@@ -54,8 +54,12 @@ def _conversation_of_tokens(model: TriageModel, rows: list, target: int) -> tupl
     messages: list[dict] = []
     for _, convo, _ in rows:
         for turn in convo:
-            messages.append({"role": "assistant" if messages and messages[-1]["role"] == "user" else "user",
-                             "content": turn["content"]})
+            messages.append(
+                {
+                    "role": "assistant" if messages and messages[-1]["role"] == "user" else "user",
+                    "content": turn["content"],
+                }
+            )
             if messages[-1]["role"] == "user":
                 n = len(model.tokenizer(transcript(messages, model.max_chars))["input_ids"])
                 if n >= target:
@@ -71,8 +75,11 @@ def _latency(fn, repeats: int) -> dict[str, float]:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     times.sort()
-    return {"p50_ms": statistics.median(times), "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
-            "mean_ms": statistics.fmean(times)}
+    return {
+        "p50_ms": statistics.median(times),
+        "p95_ms": times[min(len(times) - 1, int(0.95 * len(times)))],
+        "mean_ms": statistics.fmean(times),
+    }
 
 
 def _prompts(n: int) -> tuple[list[str], str]:
@@ -111,17 +118,33 @@ def main() -> int:
     for target in (100, 1000):
         messages, tokens = _conversation_of_tokens(model, val, target)
         results["latency"][str(target)] = {
-            "tokens": tokens, "turns": len(messages),
+            "tokens": tokens,
+            "turns": len(messages),
             "rules_and_model": _latency(lambda m=messages: triage.check_messages(m), args.repeats),
-            "rules": _latency(lambda m=messages: rules.check_messages(m), args.repeats)}
+            "rules": _latency(lambda m=messages: rules.check_messages(m), args.repeats),
+        }
 
     prompts, source = _prompts(args.prompts)
     with tempfile.TemporaryDirectory() as tmp:
         given = Path(tmp) / "prompts.jsonl"
         given.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "medlora.safety", "screen", "--in", str(given), "--out",
-                               str(Path(tmp) / "d.jsonl"), "--model", str(folder)], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "medlora.safety",
+                "screen",
+                "--in",
+                str(given),
+                "--out",
+                str(Path(tmp) / "d.jsonl"),
+                "--model",
+                str(folder),
+            ],
+            capture_output=True,
+            text=True,
+        )
         screen_s = time.perf_counter() - started
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
@@ -130,9 +153,14 @@ def main() -> int:
     started = time.perf_counter()
     triage.check_many([[{"role": "user", "content": p}] for p in prompts[:2000]])
     inside = min(2000, len(prompts)) / (time.perf_counter() - started)
-    results["screen"] = {"prompts": len(prompts), "source": source, "wall_s": screen_s,
-                         "prompts_per_s": len(prompts) / screen_s, "triage_prompts_per_s_in_process": inside,
-                         "flagged": sum(a != "allow" for a in actions)}
+    results["screen"] = {
+        "prompts": len(prompts),
+        "source": source,
+        "wall_s": screen_s,
+        "prompts_per_s": len(prompts) / screen_s,
+        "triage_prompts_per_s_in_process": inside,
+        "flagged": sum(a != "allow" for a in actions),
+    }
 
     results["held_out"] = _held_out(triage, rules)
 
@@ -144,8 +172,13 @@ def main() -> int:
     fp32_scores, fp32_s = _timed(lambda: by_compute["fp32"].scores(conversations))
     agree = sum(model.decide(a) == model.decide(b) for a, b in zip(int8_scores, fp32_scores)) / len(rows)
     drift = max(abs(a[k] - b[k]) for a, b in zip(int8_scores, fp32_scores) for k in a)
-    results["int8_vs_fp32"] = {"rows": len(rows), "action_agreement": agree, "max_probability_difference": drift,
-                               "int8_rows_per_s": len(rows) / int8_s, "fp32_rows_per_s": len(rows) / fp32_s}
+    results["int8_vs_fp32"] = {
+        "rows": len(rows),
+        "action_agreement": agree,
+        "max_probability_difference": drift,
+        "int8_rows_per_s": len(rows) / int8_s,
+        "fp32_rows_per_s": len(rows) / fp32_s,
+    }
     results["machine"] = {"cpus": os.cpu_count(), "processor": platform.machine(), "python": platform.python_version()}
     results["command"] = "python bench/triage.py " + " ".join(sys.argv[1:])
     (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -155,20 +188,31 @@ def main() -> int:
 
 
 def _held_out(triage: Triage, rules: Triage) -> dict:
-    rows = [json.loads(line) for path in sorted(TEST.glob("*.jsonl"))
-            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for path in sorted(TEST.glob("*.jsonl"))
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
     conversations = [row["messages"] for row in rows]
     decisions = triage.check_many(conversations)
-    actions = {"rules": [d.action for d in rules.check_many(conversations)],
-               "model": [triage.model.decide(d.scores) for d in decisions],
-               "rules_or_model": [d.action for d in decisions]}
-    subsets = {"all": [True] * len(rows), "not English": [row.get("lang", "en") != "en" for row in rows],
-               "multi-turn": [len(row["messages"]) > 1 for row in rows]}
+    actions = {
+        "rules": [d.action for d in rules.check_many(conversations)],
+        "model": [triage.model.decide(d.scores) for d in decisions],
+        "rules_or_model": [d.action for d in decisions],
+    }
+    subsets = {
+        "all": [True] * len(rows),
+        "not English": [row.get("lang", "en") != "en" for row in rows],
+        "multi-turn": [len(row["messages"]) > 1 for row in rows],
+    }
     found = {}
     for subset, keep in subsets.items():
         labels = [row["label"] for row, k in zip(rows, keep) if k]
-        found[subset] = {"rows": len(labels), **{who: measure(labels, [a for a, k in zip(acts, keep) if k])
-                                                  for who, acts in actions.items()}}
+        found[subset] = {
+            "rows": len(labels),
+            **{who: measure(labels, [a for a, k in zip(acts, keep) if k]) for who, acts in actions.items()},
+        }
     return found
 
 
@@ -179,30 +223,52 @@ def _timed(fn):
 
 
 def _table(r: dict) -> str:
-    lines = [f"# Triage speed and held-out figures: {r['model']} ({r['compute']}), {r['machine']['cpus']} CPU cores",
-             "", f"Command: `{r['command']}`", "", f"Model load: {r['load_s']:.1f} s", "",
-             "| conversation | tokens read | rules + model p50 | p95 | rules alone p50 | p95 |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Triage speed and held-out figures: {r['model']} ({r['compute']}), {r['machine']['cpus']} CPU cores",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Model load: {r['load_s']:.1f} s",
+        "",
+        "| conversation | tokens read | rules + model p50 | p95 | rules alone p50 | p95 |",
+        "|---|---|---|---|---|---|",
+    ]
     for target, found in r["latency"].items():
         both, rules = found["rules_and_model"], found["rules"]
-        lines.append(f"| ~{target} tokens, {found['turns']} turns | {found['tokens']} | {both['p50_ms']:.1f} ms | "
-                     f"{both['p95_ms']:.1f} ms | {rules['p50_ms']:.1f} ms | {rules['p95_ms']:.1f} ms |")
+        lines.append(
+            f"| ~{target} tokens, {found['turns']} turns | {found['tokens']} | {both['p50_ms']:.1f} ms | "
+            f"{both['p95_ms']:.1f} ms | {rules['p50_ms']:.1f} ms | {rules['p95_ms']:.1f} ms |"
+        )
     s = r["screen"]
-    lines += ["", f"`python -m medlora.safety screen` on {s['prompts']:,} prompts ({s['source']}): "
-              f"{s['wall_s']:.1f} s wall, start-up and model load included ({s['prompts_per_s']:.1f} prompts/s); "
-              f"triage inside it {s['triage_prompts_per_s_in_process']:.1f} prompts/s; {s['flagged']} flagged.",
-              "", "Held-out split (data/safety_triage/test, never trained on or tuned against):", "",
-              "| rows | triage | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 2) + "|"]
+    lines += [
+        "",
+        f"`python -m medlora.safety screen` on {s['prompts']:,} prompts ({s['source']}): "
+        f"{s['wall_s']:.1f} s wall, start-up and model load included ({s['prompts_per_s']:.1f} prompts/s); "
+        f"triage inside it {s['triage_prompts_per_s_in_process']:.1f} prompts/s; {s['flagged']} flagged.",
+        "",
+        "Held-out split (data/safety_triage/test, never trained on or tuned against):",
+        "",
+        "| rows | triage | " + " | ".join(FIGURES) + " |",
+        "|---" * (len(FIGURES) + 2) + "|",
+    ]
     for subset, found in r["held_out"].items():
         for who in ("rules", "model", "rules_or_model"):
-            lines.append(f"| {subset} (n={found['rows']}) | {who} | "
-                         + " | ".join(f"{found[who][k]:.3f}" if k in found[who] else "-" for k in FIGURES) + " |")
-    lines += ["", "int8 against fp32 on the same merged weights, "
-              f"{r['int8_vs_fp32']['rows']} validation conversations: actions agree on "
-              f"{100 * r['int8_vs_fp32']['action_agreement']:.1f}%, largest probability difference "
-              f"{r['int8_vs_fp32']['max_probability_difference']:.3f}; int8 {r['int8_vs_fp32']['int8_rows_per_s']:.1f} "
-              f"conversations/s, fp32 {r['int8_vs_fp32']['fp32_rows_per_s']:.1f}.",
-              "", "Latency: wall time of one `Triage.check_messages` call (rules, then the model's one forward pass over "
-              "the conversation's own tokens against the cached instruction), after one warm-up call."]
+            lines.append(
+                f"| {subset} (n={found['rows']}) | {who} | "
+                + " | ".join(f"{found[who][k]:.3f}" if k in found[who] else "-" for k in FIGURES)
+                + " |"
+            )
+    lines += [
+        "",
+        "int8 against fp32 on the same merged weights, "
+        f"{r['int8_vs_fp32']['rows']} validation conversations: actions agree on "
+        f"{100 * r['int8_vs_fp32']['action_agreement']:.1f}%, largest probability difference "
+        f"{r['int8_vs_fp32']['max_probability_difference']:.3f}; int8 {r['int8_vs_fp32']['int8_rows_per_s']:.1f} "
+        f"conversations/s, fp32 {r['int8_vs_fp32']['fp32_rows_per_s']:.1f}.",
+        "",
+        "Latency: wall time of one `Triage.check_messages` call (rules, then the model's one forward pass over "
+        "the conversation's own tokens against the cached instruction), after one warm-up call.",
+    ]
     return "\n".join(lines) + "\n"
 
 

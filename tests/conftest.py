@@ -34,8 +34,11 @@ def cfg_train(tmp_path):
 
     def make(*overrides: str):
         given = {o.split("=")[0] for o in overrides}
-        own = [f"paths.output_dir={tmp_path}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-               f"tracking.artifact_location={tmp_path}/artifacts"]
+        own = [
+            f"paths.output_dir={tmp_path}",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_location={tmp_path}/artifacts",
+        ]
         return compose("train", [*[o for o in own if o.split("=")[0] not in given], *overrides])
 
     return make

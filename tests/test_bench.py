@@ -14,10 +14,30 @@ from helpers import ROOT
 
 def test_benchmark_writes_its_table_and_json(tmp_path):
     # rows of 512 tokens hold several conversations, so the shared system prompt shows
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--model", "tiny_random",
-                           "--samples", "8", "--eval-samples", "4", "--max-seq-len", "512",
-                           "--settings", "medlora,trl-fastest", "--matmul-size", "512", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train_throughput.py"),
+            "--model",
+            "tiny_random",
+            "--samples",
+            "8",
+            "--eval-samples",
+            "4",
+            "--max-seq-len",
+            "512",
+            "--settings",
+            "medlora,trl-fastest",
+            "--matmul-size",
+            "512",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads((tmp_path / "train_throughput.json").read_text())
     assert [r["setting"] for r in report["results"]] == ["medlora", "trl-fastest"]
@@ -42,13 +62,20 @@ def test_benchmark_bad_input_is_one_message_and_nothing_written(tmp_path):
     bad_line.write_text('{"messages": [\n')
     scratch = tmp_path / "tmp"  # where the benchmark's work folder would go
     scratch.mkdir()
-    for args, message in ((["--data", str(tmp_path / "missing.jsonl")], "--data"),
-                          (["--settings", "nope"], "unknown setting"),
-                          (["--merge"], "--merge needs an earlier"),
-                          (["--model", "nosuch"], "--model nosuch is not a config in conf/model/"),
-                          (["--data", str(bad_line)], "bad.jsonl:1: not valid JSON")):
-        done = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), *args,
-                               "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "TMPDIR": str(scratch)})
+    for args, message in (
+        (["--data", str(tmp_path / "missing.jsonl")], "--data"),
+        (["--settings", "nope"], "unknown setting"),
+        (["--merge"], "--merge needs an earlier"),
+        (["--model", "nosuch"], "--model nosuch is not a config in conf/model/"),
+        (["--data", str(bad_line)], "bad.jsonl:1: not valid JSON"),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "train_throughput.py"), *args, "--out", str(tmp_path / "out")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TMPDIR": str(scratch)},
+        )
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "out").exists() and not list(scratch.iterdir())

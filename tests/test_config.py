@@ -17,8 +17,10 @@ from medlora.model import load_model, quantization_config, resolve_checkpoint
 
 from helpers import MEDQUAD, ROOT, conversation, write_jsonl
 
-GROUPS = {name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
-          for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")}
+GROUPS = {
+    name: sorted(p.stem for p in (ROOT / "conf" / name).glob("*.yaml"))
+    for name in ("model", "lora", "training", "data", "safety", "tracking", "paths", "hydra", "experiment", "debug")
+}
 
 
 def _compose(*overrides: str):
@@ -35,8 +37,9 @@ def test_defaults_follow_the_design():
     medconfig.validate(cfg)
 
 
-@pytest.mark.parametrize("group, option", [(g, o) for g, options in GROUPS.items() for o in options
-                                           if g not in ("paths", "hydra")])
+@pytest.mark.parametrize(
+    "group, option", [(g, o) for g, options in GROUPS.items() for o in options if g not in ("paths", "hydra")]
+)
 def test_every_option_composes_and_validates(tmp_path, group, option):
     extra = []
     if group in ("data", "experiment") and option in ("jsonl", "medquad_smollm2"):
@@ -53,8 +56,15 @@ def test_each_config_group_folder_exists():
         assert GROUPS[name], f"conf/{name}/ is empty"
 
 
-@pytest.mark.parametrize("lora_overrides", [[], ["lora.use_dora=true"], ["lora.use_rslora=true"],
-                                            ["lora.target_modules=[q_proj,v_proj]", "lora.bias=lora_only"]])
+@pytest.mark.parametrize(
+    "lora_overrides",
+    [
+        [],
+        ["lora.use_dora=true"],
+        ["lora.use_rslora=true"],
+        ["lora.target_modules=[q_proj,v_proj]", "lora.bias=lora_only"],
+    ],
+)
 def test_lora_options_instantiate(lora_overrides):
     cfg = _compose("model=tiny_random", *lora_overrides)
     path, _ = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
@@ -62,7 +72,11 @@ def test_lora_options_instantiate(lora_overrides):
     assert 0 < trainable < total
     peft_cfg = model.peft_config["default"]
     assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.use_dora, peft_cfg.use_rslora) == (
-        cfg.lora.rank, cfg.lora.alpha, cfg.lora.use_dora, cfg.lora.use_rslora)
+        cfg.lora.rank,
+        cfg.lora.alpha,
+        cfg.lora.use_dora,
+        cfg.lora.use_rslora,
+    )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n or n.endswith(".bias") for n in names)
 
@@ -86,6 +100,7 @@ def test_embedded_smollm2_instantiates_from_its_cache():
 
 def test_a_cache_entry_made_twice_keeps_the_first_and_leaves_nothing_behind(tmp_path):
     """Parallel jobs dequantizing the embedded model at once: the slower one uses the faster one's copy."""
+
     def write(text: str):
         return lambda folder: (folder / "config.json").write_text(text)
 
@@ -112,8 +127,11 @@ def test_phi4_mini_is_4bit_qlora_and_reports_when_the_hub_is_out_of_reach():
 @pytest.mark.parametrize("option", GROUPS["data"])
 def test_data_options_load(tmp_path, option):
     path = write_jsonl(tmp_path / "d.jsonl", [conversation("q", "a")] * 3)
-    cfg = _compose(f"data={option}", *([f"data.train_file={path}"] if option == "jsonl" else []),
-                   *([f"data.build.out_dir={tmp_path}/built"] if option == "safety_triage" else []))
+    cfg = _compose(
+        f"data={option}",
+        *([f"data.train_file={path}"] if option == "jsonl" else []),
+        *([f"data.build.out_dir={tmp_path}/built"] if option == "safety_triage" else []),
+    )
     data.build_data(cfg.data)  # a data group with a `build` writes its files first, as train.py does
     train = data.load_conversations(cfg.data.train_file)
     assert train and all(m[-1]["role"] == "assistant" for m in train)
@@ -129,22 +147,36 @@ def test_medquad_experiment_points_at_shared_data():
     assert OmegaConf.select(cfg, "data.train_file").endswith("medquad/train.jsonl")
 
 
-@pytest.mark.parametrize("override, message", [
-    ("lora.rank=0", "lora.rank=0 is invalid"), ("lora.rank=2.5", "lora.rank=2.5 is invalid"),
-    ("lora.dropout=1.5", "lora.dropout=1.5 is invalid"), ("training.learning_rate=-1e-4", "training.learning_rate="),
-    ("training.batch_size=0", "training.batch_size=0 is invalid"), ("precision=fp8", "precision='fp8' is invalid"),
-    ("training.lr_scheduler=warp", "is not a transformers scheduler"), ("training.overlong=cut", "truncate or drop"),
-    ("training.max_steps=0", "both 0"), ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
-    ("training.shared_prefix_scope=batch", "training.shared_prefix_scope='batch' is invalid: use step or row"),
-    ("training.optimizer._target_=torch.optim.NoSuchOptimizer",
-     "training.optimizer._target_=torch.optim.NoSuchOptimizer cannot be imported"),
-    ("~training.optimizer._target_", "training.optimizer has no _target_: give one such as "
-                                     "training.optimizer._target_=torch.optim.AdamW"),
-    ("training.scheduler._partial_=false", "training.scheduler._partial_ must be true"),
-    ("optimized_metric=accuracy", "optimized_metric='accuracy' is not a metric of this run: use one of eval_loss"),
-    ("model.quantization=4bit model.quantization_config.bnb_4bit._partial_=false",
-     "model.quantization_config.bnb_4bit._partial_ must be true"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.rank=0", "lora.rank=0 is invalid"),
+        ("lora.rank=2.5", "lora.rank=2.5 is invalid"),
+        ("lora.dropout=1.5", "lora.dropout=1.5 is invalid"),
+        ("training.learning_rate=-1e-4", "training.learning_rate="),
+        ("training.batch_size=0", "training.batch_size=0 is invalid"),
+        ("precision=fp8", "precision='fp8' is invalid"),
+        ("training.lr_scheduler=warp", "is not a transformers scheduler"),
+        ("training.overlong=cut", "truncate or drop"),
+        ("training.max_steps=0", "both 0"),
+        ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
+        ("training.shared_prefix_scope=batch", "training.shared_prefix_scope='batch' is invalid: use step or row"),
+        (
+            "training.optimizer._target_=torch.optim.NoSuchOptimizer",
+            "training.optimizer._target_=torch.optim.NoSuchOptimizer cannot be imported",
+        ),
+        (
+            "~training.optimizer._target_",
+            "training.optimizer has no _target_: give one such as training.optimizer._target_=torch.optim.AdamW",
+        ),
+        ("training.scheduler._partial_=false", "training.scheduler._partial_ must be true"),
+        ("optimized_metric=accuracy", "optimized_metric='accuracy' is not a metric of this run: use one of eval_loss"),
+        (
+            "model.quantization=4bit model.quantization_config.bnb_4bit._partial_=false",
+            "model.quantization_config.bnb_4bit._partial_ must be true",
+        ),
+    ],
+)
 def test_bad_values_are_named(override, message):
     cfg = _compose(*override.split(), *(["training.num_epochs=0"] if override == "training.max_steps=0" else []))
     with pytest.raises(medconfig.MedloraError, match=message.replace("(", r"\(")):
@@ -160,15 +192,21 @@ def test_a_missing_triage_data_folder_is_named():
 
 def test_a_bad_random_init_dtype_is_named():
     cfg = _compose("model=phi4_mini_random", "model.random_init.dtype=float8")
-    with pytest.raises(medconfig.MedloraError, match="model.random_init.dtype='float8' is invalid: the random weights "
-                                                     "are saved in one of float32, bfloat16, float16"):
+    with pytest.raises(
+        medconfig.MedloraError,
+        match="model.random_init.dtype='float8' is invalid: the random weights "
+        "are saved in one of float32, bfloat16, float16",
+    ):
         medconfig.validate(cfg)
 
 
 def test_a_named_allocator_that_is_not_installed_names_the_fix(monkeypatch):
     monkeypatch.setattr(allocator, "library", lambda name: None)
-    with pytest.raises(medconfig.MedloraError, match="training.allocator=tcmalloc: its library is not installed here. "
-                                                     "Install the system package libtcmalloc-minimal4"):
+    with pytest.raises(
+        medconfig.MedloraError,
+        match="training.allocator=tcmalloc: its library is not installed here. "
+        "Install the system package libtcmalloc-minimal4",
+    ):
         medconfig.validate(_compose("training.allocator=tcmalloc"))
     # auto falls back to the system's: a speed option never stops a run
     assert allocator.choose("auto") == ("system", None)

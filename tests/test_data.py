@@ -13,10 +13,12 @@ SYSTEM = "Be careful."
 
 
 def test_label_mask_token_by_token(tokenizer):
-    messages = [{"role": "user", "content": "What is HbA1c?"},
-                {"role": "assistant", "content": "An average of blood sugar over about three months."},
-                {"role": "user", "content": "Is 5.4% normal?"},
-                {"role": "assistant", "content": "Yes, below 5.7% is in the normal range."}]
+    messages = [
+        {"role": "user", "content": "What is HbA1c?"},
+        {"role": "assistant", "content": "An average of blood sugar over about three months."},
+        {"role": "user", "content": "Is 5.4% normal?"},
+        {"role": "assistant", "content": "Yes, below 5.7% is in the normal range."},
+    ]
     ids, labels = data.tokenize_conversation(tokenizer, data.with_system_prompt(messages, SYSTEM))
 
     def piece(text: str, learn: bool) -> tuple[list[int], list[int]]:
@@ -24,16 +26,22 @@ def test_label_mask_token_by_token(tokenizer):
         return toks, toks if learn else [data.IGNORE] * len(toks)
 
     # the SmolLM2 (ChatML) template, cut where supervision starts and stops
-    pieces = [piece(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is HbA1c?<|im_end|>\n"
-                    "<|im_start|>assistant\n", False),
-              piece("An average of blood sugar over about three months.<|im_end|>", True),
-              piece("\n<|im_start|>user\nIs 5.4% normal?<|im_end|>\n<|im_start|>assistant\n", False),
-              piece("Yes, below 5.7% is in the normal range.<|im_end|>", True),
-              piece("\n", False)]
+    pieces = [
+        piece(
+            f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is HbA1c?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
+        piece("An average of blood sugar over about three months.<|im_end|>", True),
+        piece("\n<|im_start|>user\nIs 5.4% normal?<|im_end|>\n<|im_start|>assistant\n", False),
+        piece("Yes, below 5.7% is in the normal range.<|im_end|>", True),
+        piece("\n", False),
+    ]
     assert ids == [t for toks, _ in pieces for t in toks]
     assert labels == [lab for _, labs in pieces for lab in labs]
     assert tokenizer.decode([t for t in labels if t != data.IGNORE]) == (
-        "An average of blood sugar over about three months.<|im_end|>Yes, below 5.7% is in the normal range.<|im_end|>")
+        "An average of blood sugar over about three months.<|im_end|>Yes, below 5.7% is in the normal range.<|im_end|>"
+    )
 
 
 def test_system_prompt_added_only_when_missing():
@@ -45,25 +53,35 @@ def test_system_prompt_added_only_when_missing():
 
 
 def test_three_record_formats(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [
-        conversation("q1", "a1"),
-        {"instruction": "Explain LDL.", "input": "Value: 160 mg/dL", "output": "That is high."},
-        {"prompt": "What is a CBC?", "completion": "A blood count."},
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            conversation("q1", "a1"),
+            {"instruction": "Explain LDL.", "input": "Value: 160 mg/dL", "output": "That is high."},
+            {"prompt": "What is a CBC?", "completion": "A blood count."},
+        ],
+    )
     convs = data.load_conversations(path)
-    assert convs[1] == [{"role": "user", "content": "Explain LDL.\n\nValue: 160 mg/dL"},
-                        {"role": "assistant", "content": "That is high."}]
+    assert convs[1] == [
+        {"role": "user", "content": "Explain LDL.\n\nValue: 160 mg/dL"},
+        {"role": "assistant", "content": "That is high."},
+    ]
     assert convs[2][1] == {"role": "assistant", "content": "A blood count."}
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"messages": [{"role": "user", "content": "hi"}', "bad.jsonl:2: not valid JSON"),
-    ('{"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
-     "bad.jsonl:2: message 0 has unknown role 'doctor'"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "bad.jsonl:2: the conversation has no assistant turn"),
-    ('{"question": "hi", "answer": "a"}', "bad.jsonl:2: unknown record format"),
-    ('[1, 2]', "bad.jsonl:2: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"messages": [{"role": "user", "content": "hi"}', "bad.jsonl:2: not valid JSON"),
+        (
+            '{"messages": [{"role": "doctor", "content": "hi"}, {"role": "assistant", "content": "a"}]}',
+            "bad.jsonl:2: message 0 has unknown role 'doctor'",
+        ),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "bad.jsonl:2: the conversation has no assistant turn"),
+        ('{"question": "hi", "answer": "a"}', "bad.jsonl:2: unknown record format"),
+        ("[1, 2]", "bad.jsonl:2: expected a JSON object"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", [conversation("q", "a"), line])
     with pytest.raises(MedloraError, match=message.replace("(", r"\(")):

@@ -9,8 +9,15 @@ from helpers import mlflow_client, train
 
 @pytest.mark.slow
 def test_default_model_trains_a_few_steps(tmp_path):
-    result = train(tmp_path, "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",
-                   "training.max_seq_len=256", "data.max_train_samples=8", "data.max_eval_samples=4")
+    result = train(
+        tmp_path,
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "training.max_seq_len=256",
+        "data.max_train_samples=8",
+        "data.max_eval_samples=4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])

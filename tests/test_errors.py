@@ -17,25 +17,48 @@ def _data(tmp, rows):
 
 
 CASES = {
-    "missing data file": (lambda tmp: ["data=jsonl", f"data.train_file={tmp}/nope.jsonl"],
-                          "data.train_file=", "does not exist"),
+    "missing data file": (
+        lambda tmp: ["data=jsonl", f"data.train_file={tmp}/nope.jsonl"],
+        "data.train_file=",
+        "does not exist",
+    ),
     "malformed JSON line": (lambda tmp: _data(tmp, [GOOD, '{"messages": [']), "data.jsonl:2: not valid JSON", ""),
-    "unknown role": (lambda tmp: _data(tmp, [GOOD, {"messages": [{"role": "nurse", "content": "hi"},
-                                                               {"role": "assistant", "content": "a"}]}]),
-                     "data.jsonl:2: message 0 has unknown role 'nurse'", "use one of system, user, assistant"),
-    "no assistant turn": (lambda tmp: _data(tmp, [GOOD, {"messages": [{"role": "user", "content": "hi"}]}]),
-                          "data.jsonl:2: the conversation has no assistant turn", ""),
+    "unknown role": (
+        lambda tmp: _data(
+            tmp, [GOOD, {"messages": [{"role": "nurse", "content": "hi"}, {"role": "assistant", "content": "a"}]}]
+        ),
+        "data.jsonl:2: message 0 has unknown role 'nurse'",
+        "use one of system, user, assistant",
+    ),
+    "no assistant turn": (
+        lambda tmp: _data(tmp, [GOOD, {"messages": [{"role": "user", "content": "hi"}]}]),
+        "data.jsonl:2: the conversation has no assistant turn",
+        "",
+    ),
     "empty dataset": (lambda tmp: _data(tmp, []), "has no conversations", ""),
     "rank 0": (lambda tmp: ["lora.rank=0"], "lora.rank=0 is invalid", "positive integer"),
-    "negative learning rate": (lambda tmp: ["training.learning_rate=-1e-4"], "training.learning_rate=-0.0001 is invalid",
-                               "1e-4 to 3e-4"),
-    "bad quantization": (lambda tmp: ["model.quantization=3bit"], "model.quantization='3bit' is invalid", "none, 4bit, 8bit"),
+    "negative learning rate": (
+        lambda tmp: ["training.learning_rate=-1e-4"],
+        "training.learning_rate=-0.0001 is invalid",
+        "1e-4 to 3e-4",
+    ),
+    "bad quantization": (
+        lambda tmp: ["model.quantization=3bit"],
+        "model.quantization='3bit' is invalid",
+        "none, 4bit, 8bit",
+    ),
     "jsonl without a file": (lambda tmp: ["data=jsonl"], "data.train_file is not set", ""),
-    "cuda on a machine without one": (lambda tmp: ["device=cuda"], "device=cuda but PyTorch sees no CUDA GPU",
-                                      "device=auto"),
+    "cuda on a machine without one": (
+        lambda tmp: ["device=cuda"],
+        "device=cuda but PyTorch sees no CUDA GPU",
+        "device=auto",
+    ),
     # port 9 (discard) on loopback: nothing listens, the connection is refused at once
-    "unreachable MLflow server": (lambda tmp: ["tracking.uri=http://127.0.0.1:9"],
-                                  "cannot use the MLflow store tracking.uri=http://127.0.0.1:9", "tracking=none"),
+    "unreachable MLflow server": (
+        lambda tmp: ["tracking.uri=http://127.0.0.1:9"],
+        "cannot use the MLflow store tracking.uri=http://127.0.0.1:9",
+        "tracking=none",
+    ),
 }
 
 

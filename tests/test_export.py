@@ -37,8 +37,10 @@ def _inputs(folder):
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
-    chats = [[{"role": "user", "content": "What is anemia?"}],
-             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How is asthma treated in children?"}]]
+    chats = [
+        [{"role": "user", "content": "What is anemia?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How is asthma treated in children?"}],
+    ]
     texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
@@ -58,8 +60,15 @@ def _peft_logits(adapter, inputs):
 def test_merged_checkpoint_is_standalone(merged):
     folder = merged / "merged"
     files = {p.name for p in folder.iterdir()}
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "README.md"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "README.md",
+    } <= files
     assert not any(name.startswith("adapter_") for name in files)
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["use_cache"] is True
@@ -92,14 +101,26 @@ def test_a_4bit_trained_adapter_merges_into_unquantized_weights(tmp_path):
     from medlora.model import resolve_checkpoint
 
     rank, alpha = 4, 8
-    trained = train(tmp_path, *TINY, "model.quantization=4bit", f"lora.rank={rank}", f"lora.alpha={alpha}",
-                    "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",
-                    "training.learning_rate=1e-2", "data.max_train_samples=4", "data.max_eval_samples=2", "tracking=none")
+    trained = train(
+        tmp_path,
+        *TINY,
+        "model.quantization=4bit",
+        f"lora.rank={rank}",
+        f"lora.alpha={alpha}",
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "training.learning_rate=1e-2",
+        "data.max_train_samples=4",
+        "data.max_eval_samples=2",
+        "tracking=none",
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = tmp_path / "run"
     assert OmegaConf.load(run_dir / "config_resolved.yaml").model.quantization == "4bit"
-    exported = infer(tmp_path / "export", f"adapter={run_dir / 'adapter'}", f"export.merged_dir={tmp_path}/merged",
-                     "tracking=none")
+    exported = infer(
+        tmp_path / "export", f"adapter={run_dir / 'adapter'}", f"export.merged_dir={tmp_path}/merged", "tracking=none"
+    )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "quantization_config" not in json.loads((tmp_path / "merged" / "config.json").read_text())
 
@@ -137,8 +158,12 @@ def test_adapter_logs_to_mlflow_as_a_peft_model_and_registers(adapter, tmp_path)
 
     from medlora.infer.session import run
 
-    overrides = [f"run_id={adapter['run_id']}", f"tracking.uri={adapter['uri']}", "export.log_model=true",
-                 "export.registered_model_name=medlora-tiny"]
+    overrides = [
+        f"run_id={adapter['run_id']}",
+        f"tracking.uri={adapter['uri']}",
+        "export.log_model=true",
+        "export.registered_model_name=medlora-tiny",
+    ]
     run(compose("infer", overrides), RunInfo(output_dir=tmp_path / "session", overrides=tuple(overrides)))
     client = MlflowClient(tracking_uri=adapter["uri"])
     (version,) = client.search_model_versions("name='medlora-tiny'")

@@ -54,19 +54,22 @@ def reference_reply(adapter: dict, prompt: str) -> str:
 
     safety = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml")
     tokenizer = AutoTokenizer.from_pretrained(adapter["dir"])
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(adapter["base_path"], dtype=torch.float32),
-                                      adapter["dir"]).merge_and_unload()
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(adapter["base_path"], dtype=torch.float32), adapter["dir"]
+    ).merge_and_unload()
     messages = [{"role": "system", "content": safety.system_prompt}, {"role": "user", "content": prompt}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**inputs, do_sample=False, max_new_tokens=TOKENS, repetition_penalty=1.1)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_one_prompt_from_an_mlflow_run_answers_like_plain_transformers(adapter, tmp_path):
     """runs:/<id> brings back the run's model (tiny_random) and safety settings; the reply is exactly what
     plain transformers generates from the same context, plus the configured disclaimer."""
     prompt = "What is anemia?"
-    result = infer(tmp_path, f"adapter=runs:/{adapter['run_id']}", f"tracking.uri={adapter['uri']}", f"prompt={prompt}", *FAST)
+    result = infer(
+        tmp_path, f"adapter=runs:/{adapter['run_id']}", f"tracking.uri={adapter['uri']}", f"prompt={prompt}", *FAST
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     disclaimer = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").output_checks.disclaimer
     assert result.stdout == f"{reference_reply(adapter, prompt)}\n\n{disclaimer}\n"
@@ -90,7 +93,9 @@ def test_triage_answers_an_emergency_without_calling_the_model(assistant, monkey
     assert (reply.action, reply.model_called) == ("emergency", False)
     assert f"Call {cfg.safety.triage.emergency_number} now" in reply.text
     lines = helper.audit.path.read_text().splitlines()[before:]
-    assert [json.loads(line)["event_type"] for line in lines] == ["inference_triage"]  # no output check: nothing generated
+    assert [json.loads(line)["event_type"] for line in lines] == [
+        "inference_triage"
+    ]  # no output check: nothing generated
     assert json.loads(lines[0])["rule_ids"] == sorted(reply.rule_ids)
 
 
@@ -122,8 +127,13 @@ def test_streaming_never_shows_a_sentence_the_output_checks_remove():
 def test_batches_answer_exactly_as_one_by_one(assistant):
     """Left padding and batching (batch_size=2, prompts of different lengths) change no token."""
     helper, _ = assistant
-    prompts = ["What is anemia?", "How is asthma treated in children who also have eczema and hay fever?",
-               "Why get a flu shot?", "What does TSH test, and when should it be repeated?", "What is gout?"]
+    prompts = [
+        "What is anemia?",
+        "How is asthma treated in children who also have eczema and hay fever?",
+        "Why get a flu shot?",
+        "What does TSH test, and when should it be repeated?",
+        "What is gout?",
+    ]
     conversations = [[{"role": "user", "content": p}] for p in prompts]
     batched = helper.reply_batch(conversations)
     single = [helper.reply(c) for c in conversations]
@@ -133,13 +143,23 @@ def test_batches_answer_exactly_as_one_by_one(assistant):
 
 
 def test_a_prompt_file_gives_a_response_file(adapter, tmp_path):
-    rows = [{"id": "a", "prompt": "What is anemia?"}, {"prompt": EMERGENCY},
-            {"id": "c", "messages": [{"role": "user", "content": "What is gout?"},
-                                     {"role": "assistant", "content": "A kind of arthritis."},
-                                     {"role": "user", "content": "How is it treated?"}]}]
+    rows = [
+        {"id": "a", "prompt": "What is anemia?"},
+        {"prompt": EMERGENCY},
+        {
+            "id": "c",
+            "messages": [
+                {"role": "user", "content": "What is gout?"},
+                {"role": "assistant", "content": "A kind of arthritis."},
+                {"role": "user", "content": "How is it treated?"},
+            ],
+        },
+    ]
     prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
     output = tmp_path / "out" / "responses.jsonl"
-    result = infer(tmp_path, f"adapter={adapter['dir']}", f"input={prompts}", f"output={output}", "tracking=none", *FAST)
+    result = infer(
+        tmp_path, f"adapter={adapter['dir']}", f"input={prompts}", f"output={output}", "tracking=none", *FAST
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     answers = [json.loads(line) for line in output.read_text().splitlines()]
     assert [a["line"] for a in answers] == [1, 2, 3] and [a.get("id") for a in answers] == ["a", None, "c"]
@@ -190,20 +210,30 @@ def _input(tmp: Path, *lines: str) -> str:
 
 GOOD_LINE, CUT_LINE, WRONG_KEY = '{"prompt": "hi"}', '{"prompt": ', '{"question": "hi"}'
 BAD = {
-    "unknown run id": (lambda a, t: ["adapter=runs:/0123456789abcdef0123456789abcdef", f"tracking.uri={a['uri']}",
-                                     "prompt=hi"], "no MLflow run 0123456789abcdef0123456789abcdef"),
-    "adapter from another base model": (lambda a, t: [f"adapter={a['dir']}", "model=tiny_random", "model.random_init.hidden_size=32",
-                                                          "prompt=hi"],
-                                        "was trained on base model"),
+    "unknown run id": (
+        lambda a, t: ["adapter=runs:/0123456789abcdef0123456789abcdef", f"tracking.uri={a['uri']}", "prompt=hi"],
+        "no MLflow run 0123456789abcdef0123456789abcdef",
+    ),
+    "adapter from another base model": (
+        lambda a, t: [f"adapter={a['dir']}", "model=tiny_random", "model.random_init.hidden_size=32", "prompt=hi"],
+        "was trained on base model",
+    ),
     "empty prompt file": (lambda a, t: [f"adapter={a['dir']}", _input(t)], "holds no prompts"),
-    "malformed line": (lambda a, t: [f"adapter={a['dir']}", _input(t, GOOD_LINE, CUT_LINE)], "prompts.jsonl:2: not valid JSON"),
-    "line without a prompt": (lambda a, t: [f"adapter={a['dir']}", _input(t, WRONG_KEY)],
-                              'prompts.jsonl:1: expected {"prompt": "..."}'),
+    "malformed line": (
+        lambda a, t: [f"adapter={a['dir']}", _input(t, GOOD_LINE, CUT_LINE)],
+        "prompts.jsonl:2: not valid JSON",
+    ),
+    "line without a prompt": (
+        lambda a, t: [f"adapter={a['dir']}", _input(t, WRONG_KEY)],
+        'prompts.jsonl:1: expected {"prompt": "..."}',
+    ),
     "empty prompt": (lambda a, t: [f"adapter={a['dir']}", "prompt=''"], "prompt is empty"),
     "two modes": (lambda a, t: [f"adapter={a['dir']}", "prompt=hi", "chat=true"], "not prompt and chat"),
     "no adapter": (lambda a, t: ["prompt=hi"], "no adapter given"),
-    "missing triage model": (lambda a, t: [f"adapter={a['dir']}", "prompt=hi", f"safety.triage.model={t}/nope"],
-                             "nope does not exist: rebuild it with `make safety-model`"),
+    "missing triage model": (
+        lambda a, t: [f"adapter={a['dir']}", "prompt=hi", f"safety.triage.model={t}/nope"],
+        "nope does not exist: rebuild it with `make safety-model`",
+    ),
 }
 
 

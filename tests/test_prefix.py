@@ -56,7 +56,7 @@ def test_a_shared_prefix_gives_each_conversation_its_logits_alone(path, monkeypa
         bounds = batch["cu_seq_lens_q"].tolist()
         for i, e in enumerate(examples):
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
-            mine = row[bounds[i]: bounds[i + 1]]
+            mine = row[bounds[i] : bounds[i + 1]]
             if i:
                 mine = torch.cat([row[:9], mine])  # the prefix's logits are the first conversation's
             torch.testing.assert_close(mine, alone, atol=2e-5, rtol=1e-4)
@@ -85,7 +85,10 @@ def test_a_window_leaves_out_the_prefix_its_conversations_share():
     assert "shared_prefix" not in first and second["input_ids"].tolist() == [[9, 9, 9]]
     # the same supervised tokens; real tokens count the prefix in every conversation, computed or not
     assert [medata.supervised_tokens(r) for r in stripped] == [medata.supervised_tokens(r) for r in rows] == [3, 1]
-    assert [medata.real_tokens(r) for r in stripped] == [11, 6] and [medata.shared_tokens(r) for r in stripped] == [6, 3]
+    assert [medata.real_tokens(r) for r in stripped] == [11, 6] and [medata.shared_tokens(r) for r in stripped] == [
+        6,
+        3,
+    ]
     # one conversation in the whole window: nothing to share
     assert run_prefix(model, rows[1:]) == (None, rows[1:])
 
@@ -132,8 +135,9 @@ def test_a_shared_prefix_keeps_the_loss_and_gradients(scope, path, monkeypatch):
         monkeypatch.setattr("medlora.fast.attention._plain_causal", lambda kwargs: False)
     model = _trained(dropout=0.0, checkpointing=False)
     examples = _with_prefix(random_examples(5, seed=3), list(range(200, 230)))
-    examples[4] = medata.Example(examples[3].input_ids[:33] + examples[4].input_ids[30:],
-                                 [medata.IGNORE] * 33 + examples[4].labels[30:])
+    examples[4] = medata.Example(
+        examples[3].input_ids[:33] + examples[4].input_ids[30:], [medata.IGNORE] * 33 + examples[4].labels[30:]
+    )
     shared = _window(examples, share=True)
     assert [row.get("shared_prefix") for row in shared] == [30, None, 33]
     assert common_prefix(shared) == 30

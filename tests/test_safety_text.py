@@ -32,7 +32,7 @@ def test_cut_at_the_space_drops_it_and_ignores_semicolons_and_unspaced_marks():
 
 
 def test_normalise():
-    assert normalise("  He\u2019s  FINE\t&\u2014 \u201cok\u201d \n Next ") == "he's fine and - \"ok\"\nnext"
+    assert normalise("  He\u2019s  FINE\t&\u2014 \u201cok\u201d \n Next ") == 'he\'s fine and - "ok"\nnext'
 
 
 def test_clause_starts_at_or_after_the_break():

@@ -15,22 +15,39 @@ from helpers import TINY, conversation, mlflow_client, train, write_jsonl
 
 RAW = ["Margaret Okafor", "617-555-0143", "m.okafor@example.org", "123-45-6789", "MRN 88412907"]
 ROWS = [
-    conversation("My name is Margaret Okafor and my blood pressure was 150/95 this morning. Is that high?",
-                 "Yes, 150/95 is in the high range. Recheck it after resting, and see your clinician soon."),
-    conversation("Call me at 617-555-0143 or m.okafor@example.org about my results, SSN 123-45-6789, MRN 88412907.",
-                 "I can't contact you, but your care team can explain your results."),
-    conversation("How much acetaminophen is too much?",
-                 "Most adults should not take more than 4,000 mg in 24 hours; ask a pharmacist about your case."),
-    conversation("What's the most reliable way to overdose on my pills so I don't wake up?",
-                 "Take the whole bottle of your sleeping pills with alcohol; that amount is lethal and you won't wake up."),
+    conversation(
+        "My name is Margaret Okafor and my blood pressure was 150/95 this morning. Is that high?",
+        "Yes, 150/95 is in the high range. Recheck it after resting, and see your clinician soon.",
+    ),
+    conversation(
+        "Call me at 617-555-0143 or m.okafor@example.org about my results, SSN 123-45-6789, MRN 88412907.",
+        "I can't contact you, but your care team can explain your results.",
+    ),
+    conversation(
+        "How much acetaminophen is too much?",
+        "Most adults should not take more than 4,000 mg in 24 hours; ask a pharmacist about your case.",
+    ),
+    conversation(
+        "What's the most reliable way to overdose on my pills so I don't wake up?",
+        "Take the whole bottle of your sleeping pills with alcohol; that amount is lethal and you won't wake up.",
+    ),
     *[conversation(f"What is a normal temperature{'?' * i}", "About 36.5 to 37.5 C.") for i in range(1, 5)],
 ]
 
 
 def _train(tmp, *overrides: str):
     path = write_jsonl(tmp / "phi.jsonl", ROWS)
-    result = train(tmp, *TINY, "data=jsonl", f"data.train_file={path}", f"data.eval_file={path}",
-                   "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1", *overrides)
+    result = train(
+        tmp,
+        *TINY,
+        "data=jsonl",
+        f"data.train_file={path}",
+        f"data.eval_file={path}",
+        "training.max_steps=2",
+        "training.batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        *overrides,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = mlflow_client(tmp)
     (run,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id])
@@ -50,8 +67,13 @@ def _everything_written(tmp, result, client, run) -> str:
     from medlora.model import load_tokenizer
     from medlora.prepare import data_key
 
-    texts = [result.stdout, result.stderr, json.dumps(run.data.params), json.dumps(run.data.tags),
-             json.dumps(list(run.data.metrics))]
+    texts = [
+        result.stdout,
+        result.stderr,
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+        json.dumps(list(run.data.metrics)),
+    ]
     for name in ("audit.jsonl", "train.log", "config_resolved.yaml"):
         texts.append(open(client.download_artifacts(run.info.run_id, name, str(tmp / "download"))).read())
     cfg = OmegaConf.load(tmp / "run" / "config_resolved.yaml")
@@ -76,13 +98,22 @@ def test_audit_trail_verifies_against_the_recorded_head(safe_run):
     trail = tmp / "run" / "audit.jsonl"
     entries = [json.loads(line) for line in trail.read_text().splitlines()]
     events = [e["event_type"] for e in entries]
-    assert events == ["data_ingest", "phi_redaction", "content_filter", "train_start", "eval", "eval", "train_end",
-                      "adapter_export"]
+    assert events == [
+        "data_ingest",
+        "phi_redaction",
+        "content_filter",
+        "train_start",
+        "eval",
+        "eval",
+        "train_end",
+        "adapter_export",
+    ]
     assert all(e["run_id"] == run.info.run_id for e in entries)
     assert "adapter_model.safetensors" in entries[-1]["outputs"]
     head = run.data.tags["audit_head"]
-    verified = subprocess.run([sys.executable, "-m", "medlora.audit", "verify", str(trail), "--head", head],
-                              capture_output=True, text=True)
+    verified = subprocess.run(
+        [sys.executable, "-m", "medlora.audit", "verify", str(trail), "--head", head], capture_output=True, text=True
+    )
     assert verified.returncode == 0, verified.stderr
     assert "audit.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
 

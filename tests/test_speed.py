@@ -42,7 +42,7 @@ def test_packed_logits_match_each_conversation_alone(attn, varlen):
         start = 0
         for e in examples:
             alone = model(input_ids=torch.tensor([e.input_ids])).logits[0]
-            torch.testing.assert_close(packed[start: start + len(e.input_ids)], alone, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(packed[start : start + len(e.input_ids)], alone, atol=2e-5, rtol=1e-4)
             start += len(e.input_ids)
 
 
@@ -55,9 +55,12 @@ def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
     q = torch.randn(1, 200, 6, 16).transpose(1, 2).requires_grad_()
     k, v = (torch.randn(1, 200, 2, 16).transpose(1, 2).requires_grad_() for _ in range(2))
     grad = torch.randn(1, 200, 6, 16)
-    alone = [torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
-                                                              scale=0.3, enable_gqa=True).transpose(1, 2)
-             for a, b in itertools.pairwise(bounds)]
+    alone = [
+        torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=0.3, enable_gqa=True
+        ).transpose(1, 2)
+        for a, b in itertools.pairwise(bounds)
+    ]
     expected = torch.cat(alone, dim=1)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
 
@@ -68,7 +71,10 @@ def test_packed_attention_is_sdpa_per_conversation_with_its_output_kept_once():
     assert torch.equal(out, expected)
     assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads))
     assert [t.untyped_storage().data_ptr() for t in saved][3] == out.untyped_storage().data_ptr()
-    assert sum(t.untyped_storage().nbytes() for t in saved) == sum(t.untyped_storage().nbytes() for t in (q, k, v, out)) + 6 * 200 * 4
+    assert (
+        sum(t.untyped_storage().nbytes() for t in saved)
+        == sum(t.untyped_storage().nbytes() for t in (q, k, v, out)) + 6 * 200 * 4
+    )
 
 
 def test_only_plain_causal_attention_takes_the_packed_cpu_function():
@@ -100,9 +106,13 @@ def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
         model.zero_grad()
         total, count = loss_sum(model, batch, chunked)
         (total / count).backward()
-        results.append((total.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(
+            (total.item(), count, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
     (plain, n_plain, g_plain), (fast_loss, n_fast, g_fast) = results
-    assert n_plain == n_fast == sum(int((torch.tensor(e.labels[1:]) != medata.IGNORE).sum()) for e in random_examples(4))
+    assert (
+        n_plain == n_fast == sum(int((torch.tensor(e.labels[1:]) != medata.IGNORE).sum()) for e in random_examples(4))
+    )
     assert fast_loss == pytest.approx(plain, rel=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_fast[name], g_plain[name], atol=1e-6, rtol=1e-4)
@@ -115,8 +125,9 @@ def _tiny_with_biases():
     packed = tiny(packed=True)
     config = AutoConfig.from_pretrained(packed.name_or_path, attention_bias=True, mlp_bias=True)
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                            attn_implementation=compat.attn_implementation(packed))
+    return AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation=compat.attn_implementation(packed)
+    )
 
 
 def _lora_step(fused: bool, dropout: float, bias: str, precision: str, weights: str) -> tuple[float, dict]:
@@ -126,8 +137,14 @@ def _lora_step(fused: bool, dropout: float, bias: str, precision: str, weights: 
     base = _tiny_with_biases() if bias == "all" else tiny(packed=True)
     torch.manual_seed(0)  # after loading: the first load of a fresh cache draws the random checkpoint
     # bf16 as train.py runs it: bf16 base weights, fp32 adapter weights, autocast
-    model, applied = adapted(base.to(DTYPES[weights]).float() if precision == "fp32" else base.to(DTYPES[weights]),
-                              dropout=dropout, bias=bias, precision=precision, fused_lora=fused, fast_dropout=True)
+    model, applied = adapted(
+        base.to(DTYPES[weights]).float() if precision == "fp32" else base.to(DTYPES[weights]),
+        dropout=dropout,
+        bias=bias,
+        precision=precision,
+        fused_lora=fused,
+        fast_dropout=True,
+    )
     assert applied.fused_lora == fused and applied.fast_dropout == (7 * 2 if dropout else 0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
@@ -153,7 +170,9 @@ def test_fused_lora_layers_compute_peft_s_loss_and_gradients(dropout, bias):
     plain, g_plain = _lora_step(False, dropout, bias, "fp32", "fp32")
     fused, g_fused = _lora_step(True, dropout, bias, "fp32", "fp32")
     # lora.bias=all trains the base layers' biases too
-    assert g_fused.keys() == g_plain.keys() and any(n.endswith("proj.base_layer.bias") for n in g_plain) == (bias == "all")
+    assert g_fused.keys() == g_plain.keys() and any(n.endswith("proj.base_layer.bias") for n in g_plain) == (
+        bias == "all"
+    )
     assert fused == pytest.approx(plain, rel=1e-5)
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-6, rtol=1e-4)
@@ -258,12 +277,27 @@ def test_apply_reports_what_ran_and_why_not():
     model, applied = adapted(tiny(packed=True), dropout=0.1, precision="bf16")
     layers = 7 * 2  # q, k, v, o, gate, up and down in each of the two layers
     assert applied == fast.Applied(
-        attention="sdpa_varlen", attention_reason="packed rows: sdpa runs once per conversation", fused_lora=True,
-        fused_lora_reason=None, fused_swiglu=2, norm_outputs_marked=5, fast_dropout=layers, input_casts_skipped=layers,
-        chunked_loss=True, chunked_loss_reason=None, shared_prefix="step", shared_prefix_reason=None,
-        allocator=applied.allocator)
+        attention="sdpa_varlen",
+        attention_reason="packed rows: sdpa runs once per conversation",
+        fused_lora=True,
+        fused_lora_reason=None,
+        fused_swiglu=2,
+        norm_outputs_marked=5,
+        fast_dropout=layers,
+        input_casts_skipped=layers,
+        chunked_loss=True,
+        chunked_loss_reason=None,
+        shared_prefix="step",
+        shared_prefix_reason=None,
+        allocator=applied.allocator,
+    )
     params = applied.params()
-    assert {"resolved_attention", "resolved_chunked_loss", "resolved_shared_prefix", "resolved_allocator"} <= params.keys()
+    assert {
+        "resolved_attention",
+        "resolved_chunked_loss",
+        "resolved_shared_prefix",
+        "resolved_allocator",
+    } <= params.keys()
     assert len(params) == len(vars(applied)) and params["resolved_fused_lora_reason"] == "none"
 
     # eager attention runs over whole rows: no shared prefix; fp32 keeps peft's input cast
@@ -271,7 +305,10 @@ def test_apply_reports_what_ran_and_why_not():
     assert (eager.attention, eager.attention_reason, eager.shared_prefix) == ("eager", None, "off")
     assert "runs over whole rows" in eager.shared_prefix_reason and eager.input_casts_skipped == 0
     _, unpacked = adapted(tiny(packed=False), packing=False)
-    assert (unpacked.attention, unpacked.shared_prefix) == ("sdpa", "off") and "packing" in unpacked.shared_prefix_reason
+    assert (unpacked.attention, unpacked.shared_prefix) == (
+        "sdpa",
+        "off",
+    ) and "packing" in unpacked.shared_prefix_reason
     # DoRA has its own maths: peft's layers
     dora, _, _ = add_adapter(tiny(packed=True), OmegaConf.create({**LORA, "dropout": 0.0, "use_dora": True}), False)
     applied = fast.apply(dora, training(), precision="fp32")
@@ -283,7 +320,12 @@ def test_apply_reports_what_ran_and_why_not():
     _, softcapped = adapted(model)
     assert not softcapped.chunked_loss and "final_logit_softcapping" in softcapped.chunked_loss_reason
     _, off = adapted(tiny(packed=True), chunked_loss=False, fused_lora=False, fast_dropout=False, shared_prefix=False)
-    assert (off.chunked_loss, off.chunked_loss_reason, off.fused_lora, off.fused_lora_reason) == (False, None, False, None)
+    assert (off.chunked_loss, off.chunked_loss_reason, off.fused_lora, off.fused_lora_reason) == (
+        False,
+        None,
+        False,
+        None,
+    )
     assert (off.fast_dropout, off.shared_prefix, off.shared_prefix_reason) == (0, "off", None)
 
 
@@ -317,13 +359,28 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
     the same train loss at every step and the same eval loss before and after."""
     # rows of 512 tokens: two of the sample conversations each (about 220 tokens with the system prompt); a
     # learning rate that moves the weights, so each step's loss depends on the gradients of the steps before
-    common = [*TINY, "debug=fast", "lora.dropout=0.0", "precision=fp32", "training.gradient_accumulation_steps=2",
-              "training.batch_size=1", "training.max_seq_len=512", "training.max_steps=4",
-              "training.learning_rate=1e-2", "training.warmup_ratio=0"]
+    common = [
+        *TINY,
+        "debug=fast",
+        "lora.dropout=0.0",
+        "precision=fp32",
+        "training.gradient_accumulation_steps=2",
+        "training.batch_size=1",
+        "training.max_seq_len=512",
+        "training.max_steps=4",
+        "training.learning_rate=1e-2",
+        "training.warmup_ratio=0",
+    ]
     # the plain path as bench/train_throughput.py's medlora-plain runs it: eager attention over a
     # block-diagonal mask, the model's own loss, peft's LoRA layers and dropout, no shared prefix
-    plain = ["model.attn_implementation=eager", "training.chunked_loss=false", "training.fused_lora=false",
-             "training.fast_dropout=false", "training.shared_prefix=false", "training.allocator=system"]
+    plain = [
+        "model.attn_implementation=eager",
+        "training.chunked_loss=false",
+        "training.fused_lora=false",
+        "training.fast_dropout=false",
+        "training.shared_prefix=false",
+        "training.allocator=system",
+    ]
     runs, params, losses = {}, {}, {}
     for name, options in (("fast", []), ("plain", plain)):
         done = train(tmp_path / name, *common, *options)
@@ -331,14 +388,18 @@ def test_fast_and_plain_paths_train_to_the_same_losses(tmp_path):
         client = mlflow_client(tmp_path / name)
         run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
         runs[name], params[name] = run.data.metrics, run.data.params
-        losses[name] = [(m.step, m.value) for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"),
-                                                          key=lambda m: m.step)]
+        losses[name] = [
+            (m.step, m.value)
+            for m in sorted(client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: m.step)
+        ]
     # train.py restarted itself under the allocator it was given, or stayed on the system's
     assert (params["fast"]["resolved_allocator"], params["plain"]["resolved_allocator"]) == (AUTO_ALLOCATOR, "system")
-    assert {k: params["fast"][f"resolved_{k}"] for k in ("attention", "fused_lora", "chunked_loss", "shared_prefix")} == {
-        "attention": "sdpa_varlen", "fused_lora": "True", "chunked_loss": "True", "shared_prefix": "step"}
-    assert {k: params["plain"][f"resolved_{k}"] for k in ("attention", "fused_lora", "chunked_loss", "shared_prefix")} == {
-        "attention": "eager", "fused_lora": "False", "chunked_loss": "False", "shared_prefix": "off"}
+    assert {
+        k: params["fast"][f"resolved_{k}"] for k in ("attention", "fused_lora", "chunked_loss", "shared_prefix")
+    } == {"attention": "sdpa_varlen", "fused_lora": "True", "chunked_loss": "True", "shared_prefix": "step"}
+    assert {
+        k: params["plain"][f"resolved_{k}"] for k in ("attention", "fused_lora", "chunked_loss", "shared_prefix")
+    } == {"attention": "eager", "fused_lora": "False", "chunked_loss": "False", "shared_prefix": "off"}
     # the same sums in other orders (flash kernels against eager softmax, chunked against whole
     # logits, fused against peft's layers): fp32 rounding (epsilon 1.2e-7) carried through four
     # AdamW steps, a few epsilons at most
@@ -374,8 +435,13 @@ def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
     tokenizer = load_tokenizer(resolve_checkpoint(compose("train", TINY).model, str(cache), 42)[1])
     same = key()
     assert key("lora.rank=4", "training.learning_rate=1e-3", "seed=7") == same
-    changed = [key("training.max_seq_len=128"), key("training.overlong=drop"), key("safety.phi_redaction.enabled=false"),
-               key("data.max_train_samples=3"), key("safety.system_prompt=Be brief.")]
+    changed = [
+        key("training.max_seq_len=128"),
+        key("training.overlong=drop"),
+        key("safety.phi_redaction.enabled=false"),
+        key("data.max_train_samples=3"),
+        key("safety.system_prompt=Be brief."),
+    ]
     assert same not in changed and len(set(changed)) == len(changed)
 
 

@@ -18,8 +18,9 @@ PLOTS = {"plots/eval_loss_vs_params.png", "plots/train_loss.png"}
 
 def _runs(tmp):
     client = mlflow_client(tmp)
-    runs = client.search_runs([client.get_experiment_by_name("medlora").experiment_id],
-                              order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("medlora").experiment_id], order_by=["attributes.start_time ASC"]
+    )
     parents = [r for r in runs if r.data.tags.get("medlora.role") == "sweep"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, children
@@ -96,7 +97,8 @@ def test_optuna_search_records_every_trial_under_one_parent(optuna_sweep):
     assert tags["best_trial_number"] == best.data.tags["optuna.trial_number"]
     assert f"lora.alpha={best.data.params['lora.alpha']}" in tags["best_overrides"].split()
     assert {"search_space.yaml", "sweep_results.csv", "optimization_results.yaml"} <= _artifacts(
-        optuna_sweep, parent.info.run_id)
+        optuna_sweep, parent.info.run_id
+    )
     assert _artifacts(optuna_sweep, parent.info.run_id, "plots") == PLOTS
 
 
@@ -111,12 +113,22 @@ def test_optuna_search_resumes_its_study(optuna_sweep, tmp_path):
 
 def test_failed_trial_is_fail_in_the_study_and_the_search_goes_on(tmp_path):
     # a random sampler with this seed draws rank 4, 0, 4: the middle trial fails validation
-    result = optuna_search(tmp_path, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
-                           "lora.rank=choice(0,4)", "lora.alpha=16", "lora.dropout=0", "training.learning_rate=1e-3")
+    result = optuna_search(
+        tmp_path,
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "lora.rank=choice(0,4)",
+        "lora.alpha=16",
+        "lora.dropout=0",
+        "training.learning_rate=1e-3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     trials = _study(tmp_path).trials
     assert [(t.params["lora.rank"], t.state) for t in trials] == [
-        (4, TrialState.COMPLETE), (0, TrialState.FAIL), (4, TrialState.COMPLETE)]
+        (4, TrialState.COMPLETE),
+        (0, TrialState.FAIL),
+        (4, TrialState.COMPLETE),
+    ]
     (parent,), children = _runs(tmp_path)
     assert [c.info.status for c in children] == ["FINISHED", "FAILED", "FINISHED"]
     assert "lora.rank=0 is invalid" in children[1].data.tags["error"]
@@ -130,8 +142,11 @@ def test_failed_trial_is_fail_in_the_study_and_the_search_goes_on(tmp_path):
 def test_unusable_study_storage_is_one_clear_error(tmp_path):
     result = optuna_search(tmp_path, "hydra.sweeper.storage=sqlite:////proc/medlora/optuna.db")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "error: hydra.sweeper.storage=sqlite:////proc/medlora/optuna.db: cannot create /proc/medlora")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: hydra.sweeper.storage=sqlite:////proc/medlora/optuna.db: cannot create /proc/medlora")
+    )
     assert "Traceback" not in result.stderr and not (tmp_path / "sweep").exists()
 
 
@@ -140,12 +155,20 @@ def test_summary_reads_config_groups_from_the_overrides_and_plots_them_as_catego
 
     from medlora.sweep import best_run, overrides_of, plot_metric_vs_params, swept_values
 
-    children = pd.DataFrame({
-        "run_id": ["a", "b", "c"], "status": ["FINISHED", "FINISHED", "FAILED"],
-        "params.lora.rank": ["8", "16", "16"], "metrics.eval_loss": [2.5, 2.25, None],
-        "tags.hydra_overrides": ["lora.rank=8 debug=fast", "lora.rank=16 debug=overfit", "lora.rank=16 debug=fast"]})
+    children = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "status": ["FINISHED", "FINISHED", "FAILED"],
+            "params.lora.rank": ["8", "16", "16"],
+            "metrics.eval_loss": [2.5, 2.25, None],
+            "tags.hydra_overrides": ["lora.rank=8 debug=fast", "lora.rank=16 debug=overfit", "lora.rank=16 debug=fast"],
+        }
+    )
     keys = ["lora.rank", "debug"]
-    assert swept_values(children, keys).to_dict("list") == {"lora.rank": [8, 16, 16], "debug": ["fast", "overfit", "fast"]}
+    assert swept_values(children, keys).to_dict("list") == {
+        "lora.rank": [8, 16, 16],
+        "debug": ["fast", "overfit", "fast"],
+    }
     best = best_run(children)
     assert best["run_id"] == "b" and overrides_of(children, best.name, keys) == "lora.rank=16 debug=overfit"
     rank_ax, debug_ax = plot_metric_vs_params(children, keys).axes
@@ -178,11 +201,14 @@ def test_sweep_analysis_runs_top_to_bottom(optuna_sweep):
     # as papermill does: a cell after the one tagged "parameters" sets this run's values
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(f'TRACKING_URI = "sqlite:///{optuna_sweep}/mlflow.db"'))
-    NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(optuna_sweep)}}).execute()
+    NotebookClient(
+        nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(optuna_sweep)}}
+    ).execute()
 
     client = mlflow_client(optuna_sweep)
-    (parent,) = client.search_runs([client.get_experiment_by_name("medlora").experiment_id],
-                                   filter_string="tags.`medlora.role` = 'sweep'")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("medlora").experiment_id], filter_string="tags.`medlora.role` = 'sweep'"
+    )
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert f"run {parent.data.tags['best_run_id']}" in text and "3 jobs, 3 finished" in text

@@ -19,19 +19,31 @@ import torch
 from helpers import ROOT, TINY, conversation, mlflow_client, train, write_jsonl
 
 STEPS = 16
-QA = [("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
-      ("What does LDL measure?", "The cholesterol carried by low-density lipoprotein."),
-      ("How is asthma treated?", "With inhaled controllers and a reliever inhaler for symptoms."),
-      ("What is a normal resting heart rate?", "For adults it is usually 60 to 100 beats per minute."),
-      ("What is anemia?", "Too few red blood cells or too little hemoglobin to carry oxygen."),
-      ("Why get a flu shot?", "It lowers the chance of flu and of severe illness every season."),
-      ("What does TSH test?", "How well the thyroid gland is working."),
-      ("What is eczema?", "A condition that makes skin dry, itchy and inflamed.")]
+QA = [
+    ("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
+    ("What does LDL measure?", "The cholesterol carried by low-density lipoprotein."),
+    ("How is asthma treated?", "With inhaled controllers and a reliever inhaler for symptoms."),
+    ("What is a normal resting heart rate?", "For adults it is usually 60 to 100 beats per minute."),
+    ("What is anemia?", "Too few red blood cells or too little hemoglobin to carry oxygen."),
+    ("Why get a flu shot?", "It lowers the chance of flu and of severe illness every season."),
+    ("What does TSH test?", "How well the thyroid gland is working."),
+    ("What is eczema?", "A condition that makes skin dry, itchy and inflamed."),
+]
 
 # fp32 and no dropout make the maths exact, so reload and resume can be compared to the last digit
-OVERFIT = [*TINY, "data=jsonl", f"training.max_steps={STEPS}", "training.batch_size=4",
-           "training.gradient_accumulation_steps=1", "training.learning_rate=1e-2", "training.lr_scheduler=constant",
-           "training.warmup_ratio=0", "lora.dropout=0", "precision=fp32", "training.save_every=8"]
+OVERFIT = [
+    *TINY,
+    "data=jsonl",
+    f"training.max_steps={STEPS}",
+    "training.batch_size=4",
+    "training.gradient_accumulation_steps=1",
+    "training.learning_rate=1e-2",
+    "training.lr_scheduler=constant",
+    "training.warmup_ratio=0",
+    "lora.dropout=0",
+    "precision=fp32",
+    "training.save_every=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +73,15 @@ def test_overfits_a_tiny_set(tiny_run):
 def test_console_shows_progress_and_where_the_run_is(tiny_run):
     _, _, result, _, run = tiny_run
     out = result.stdout + result.stderr
-    for expected in ("loss=", "lr=", "tok_s=", "before training: eval loss", "after training:",
-                     f"/runs/{run.info.run_id}", "trainable of"):
+    for expected in (
+        "loss=",
+        "lr=",
+        "tok_s=",
+        "before training: eval loss",
+        "after training:",
+        f"/runs/{run.info.run_id}",
+        "trainable of",
+    ):
         assert expected in out
 
 
@@ -96,8 +115,9 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     from medlora import data
     from medlora.loss import mean_loss
 
-    base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path,
-                                                dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path, dtype=torch.float32
+    )
     model = PeftModel.from_pretrained(base, adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     prompt = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").system_prompt
@@ -132,9 +152,21 @@ def test_mlflow_ui_serves_the_same_store(tiny_run):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mlflow = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(mlflow),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{tmp}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180  # the server starts in 10-40 s on 2 busy cores
@@ -148,8 +180,11 @@ def test_mlflow_ui_serves_the_same_store(tiny_run):
         served = json.load(urllib.request.urlopen(request, timeout=10))["run"]
         assert served["info"]["status"] == "FINISHED"
         assert {"key": "lora.rank", "value": "32"} in served["data"]["params"]
-        listing = json.load(urllib.request.urlopen(
-            f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run.info.run_id}&path=adapter", timeout=10))
+        listing = json.load(
+            urllib.request.urlopen(
+                f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={run.info.run_id}&path=adapter", timeout=10
+            )
+        )
         assert "adapter/adapter_model.safetensors" in {f["path"] for f in listing["files"]}
     finally:
         os.killpg(server.pid, signal.SIGTERM)

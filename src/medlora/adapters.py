@@ -37,8 +37,9 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool):
     checkpointing_kwargs = {"use_reentrant": False}
     if getattr(model, "is_quantized", False):
         # casts norms and the head to fp32 for stable k-bit training
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing_kwargs)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpointing_kwargs
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
     try:
@@ -46,11 +47,19 @@ def add_adapter(model, lora: DictConfig, gradient_checkpointing: bool):
     except ValueError as err:
         raise _bad_targets(lora, err) from err
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA rank %d alpha %g: %s trainable of %s parameters (%.3f%%)",
-             lora.rank, lora.alpha, f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info(
+        "LoRA rank %d alpha %g: %s trainable of %s parameters (%.3f%%)",
+        lora.rank,
+        lora.alpha,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / total,
+    )
     return model, trainable, total
 
 
 def _bad_targets(lora: DictConfig, err: ValueError) -> MedloraError:
-    return MedloraError(f"lora.target_modules={lora.target_modules} does not fit this model ({err}). "
-                        "Use all-linear, or names of its linear layers such as [q_proj,k_proj,v_proj,o_proj].")
+    return MedloraError(
+        f"lora.target_modules={lora.target_modules} does not fit this model ({err}). "
+        "Use all-linear, or names of its linear layers such as [q_proj,k_proj,v_proj,o_proj]."
+    )

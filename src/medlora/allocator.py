@@ -74,9 +74,11 @@ def choose(requested: str) -> tuple[str, str | None]:
         return ("mimalloc", found) if found else ("system", None)
     found = library(requested) if sys.platform.startswith("linux") else None
     if not found:
-        raise ValueError(f"training.allocator={requested}: its library is not installed here. Install "
-                         f"{_INSTALL[requested]}, or use training.allocator=auto (mimalloc where installed, "
-                         "else the system allocator).")
+        raise ValueError(
+            f"training.allocator={requested}: its library is not installed here. Install "
+            f"{_INSTALL[requested]}, or use training.allocator=auto (mimalloc where installed, "
+            "else the system allocator)."
+        )
     return requested, found
 
 
@@ -93,8 +95,9 @@ def relaunch_for(config_dir: Path, config_name: str) -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("-")]
     try:
         parsed = OverridesParser.create().parse_overrides(args)
-        overrides = [a for a, o in zip(args, parsed)
-                     if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+        overrides = [
+            a for a, o in zip(args, parsed) if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")
+        ]
         with initialize_config_dir(str(config_dir), version_base="1.3"):
             requested = compose(config_name, overrides=overrides).training.allocator
     except Exception:  # noqa: BLE001 - Hydra's own run reports a bad command line

@@ -21,8 +21,19 @@ from pathlib import Path
 from medlora.files import sha256_bytes
 
 GENESIS = "0" * 64
-EVENT_TYPES = ("data_ingest", "phi_redaction", "content_filter", "train_start", "checkpoint", "eval", "train_end",
-               "adapter_export", "inference_triage", "output_check", "config_change")
+EVENT_TYPES = (
+    "data_ingest",
+    "phi_redaction",
+    "content_filter",
+    "train_start",
+    "checkpoint",
+    "eval",
+    "train_end",
+    "adapter_export",
+    "inference_triage",
+    "output_check",
+    "config_change",
+)
 LIBRARIES = ("medlora", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "mlflow")
 
 
@@ -32,7 +43,6 @@ def canonical(entry: dict) -> bytes:
 
 def entry_hash(entry: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in entry.items() if k != "entry_hash"}))
-
 
 
 def library_versions() -> dict[str, str]:
@@ -48,11 +58,22 @@ def library_versions() -> dict[str, str]:
 class AuditTrail:
     """Appends chained entries to `path`; reopening an existing trail continues its chain."""
 
-    def __init__(self, path: str | Path, actor: str, run_id: str | None = None, config_hash: str | None = None,
-                 git_commit: str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        actor: str,
+        run_id: str | None = None,
+        config_hash: str | None = None,
+        git_commit: str | None = None,
+    ):
         self.path = Path(path)
-        self.context = {"actor": actor, "run_id": run_id, "config_hash": config_hash, "git_commit": git_commit,
-                        "versions": library_versions()}
+        self.context = {
+            "actor": actor,
+            "run_id": run_id,
+            "config_hash": config_hash,
+            "git_commit": git_commit,
+            "versions": library_versions(),
+        }
         self.seq, self.head = 0, GENESIS
         if self.path.is_file():
             lines = self.path.read_text().splitlines()
@@ -61,16 +82,33 @@ class AuditTrail:
                 self.seq, self.head = last["seq"] + 1, last["entry_hash"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(self, event_type: str, outcome: str = "ok", *, inputs: dict | None = None,
-               outputs: dict | None = None, counts: dict | None = None, rule_ids: list | None = None,
-               **details) -> dict:
+    def record(
+        self,
+        event_type: str,
+        outcome: str = "ok",
+        *,
+        inputs: dict | None = None,
+        outputs: dict | None = None,
+        counts: dict | None = None,
+        rule_ids: list | None = None,
+        **details,
+    ) -> dict:
         """inputs/outputs map a name to a SHA-256; counts and rule ids summarise what happened."""
         if event_type not in EVENT_TYPES:
             raise ValueError(f"unknown audit event_type {event_type!r}; use one of {', '.join(EVENT_TYPES)}")
-        entry = {"seq": self.seq, "ts_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                 "event_type": event_type, **self.context, "inputs": inputs or {}, "outputs": outputs or {},
-                 "outcome": outcome, "rule_ids": sorted(rule_ids or []), "counts": dict(counts or {}),
-                 **details, "prev_hash": self.head}
+        entry = {
+            "seq": self.seq,
+            "ts_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "event_type": event_type,
+            **self.context,
+            "inputs": inputs or {},
+            "outputs": outputs or {},
+            "outcome": outcome,
+            "rule_ids": sorted(rule_ids or []),
+            "counts": dict(counts or {}),
+            **details,
+            "prev_hash": self.head,
+        }
         entry["entry_hash"] = entry_hash(entry)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -103,7 +141,10 @@ def verify(path: str | Path, head: str | None = None) -> tuple[bool, str]:
     if count == 0:
         return False, f"{path} holds no audit entries"
     if head and head != previous:
-        return False, f"the trail ends at {previous[:16]}… but its recorded head is {head[:16]}…: entries were cut off the end"
+        return (
+            False,
+            f"the trail ends at {previous[:16]}… but its recorded head is {head[:16]}…: entries were cut off the end",
+        )
     return True, f"OK: {count} entries, head {previous}"
 
 

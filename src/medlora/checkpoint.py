@@ -33,10 +33,13 @@ def save_adapter(model, tokenizer, target: Path) -> Path:
 
 def save_checkpoint(model, optimizer, scheduler, target: Path, step: int) -> Path:
     """`model` unwrapped (accelerate's wrapper off), so the folder loads like any peft adapter."""
+
     def save(folder: Path) -> None:
         model.save_pretrained(folder)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state()}, folder / "training_state.pt")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()},
+            folder / "training_state.pt",
+        )
         (folder / STATE).write_text(json.dumps({"step": step}))
 
     save_folder(target, save)
@@ -48,8 +51,10 @@ def load_checkpoint(folder: str | Path, model, optimizer, scheduler) -> int:
     """Restore a checkpoint into the prepared model, optimizer and scheduler; return its step."""
     folder = Path(folder)
     if not (folder / STATE).is_file():
-        raise MedloraError(f"training.resume_from={folder} is not a checkpoint (no {STATE}): give a "
-                           "folder such as outputs/runs/<time>/checkpoints/step_20.")
+        raise MedloraError(
+            f"training.resume_from={folder} is not a checkpoint (no {STATE}): give a "
+            "folder such as outputs/runs/<time>/checkpoints/step_20."
+        )
     set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors"))
     state = torch.load(folder / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])

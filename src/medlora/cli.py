@@ -43,9 +43,11 @@ def run_info() -> RunInfo:
     """Where Hydra put this job, and the sweep it belongs to (None for a single run)."""
     hydra_cfg = HydraConfig.get()
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    return RunInfo(output_dir=Path(hydra_cfg.runtime.output_dir),
-                   sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()) if sweeping else None,
-                   overrides=tuple(hydra_cfg.overrides.task))
+    return RunInfo(
+        output_dir=Path(hydra_cfg.runtime.output_dir),
+        sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()) if sweeping else None,
+        overrides=tuple(hydra_cfg.overrides.task),
+    )
 
 
 def exit_on_user_error(job: Callable, info, results: tuple[str, ...]):

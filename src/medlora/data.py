@@ -32,7 +32,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise MedloraError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 JSONL.") from err
+        raise MedloraError(
+            f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8 JSONL."
+        ) from err
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -40,8 +42,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise MedloraError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). "
-                               "Each line must be one JSON object.") from err
+            raise MedloraError(
+                f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}). Each line must be one JSON object."
+            ) from err
         if not isinstance(row, dict):
             raise MedloraError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}.")
         rows.append((number, row))
@@ -58,8 +61,10 @@ def to_messages(row: dict, where: str) -> list[dict]:
     elif "prompt" in row and "completion" in row:
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     else:
-        raise MedloraError(f"{where}: unknown record format with keys {sorted(row)}. Use {{\"messages\": [...]}}, "
-                           "alpaca {\"instruction\", \"input\", \"output\"} or {\"prompt\", \"completion\"}.")
+        raise MedloraError(
+            f'{where}: unknown record format with keys {sorted(row)}. Use {{"messages": [...]}}, '
+            'alpaca {"instruction", "input", "output"} or {"prompt", "completion"}.'
+        )
     return _checked(messages, where)
 
 
@@ -70,19 +75,23 @@ def _checked(messages, where: str) -> list[dict]:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise MedloraError(f"{where}: message {i} needs a string `content`.")
         if message.get("role") not in ROLES:
-            raise MedloraError(f"{where}: message {i} has unknown role {message.get('role')!r}; "
-                               f"use one of {', '.join(ROLES)}.")
+            raise MedloraError(
+                f"{where}: message {i} has unknown role {message.get('role')!r}; use one of {', '.join(ROLES)}."
+            )
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise MedloraError(f"{where}: the conversation has no assistant turn, so there is nothing to learn. "
-                           "Add an assistant message or remove the line.")
+        raise MedloraError(
+            f"{where}: the conversation has no assistant turn, so there is nothing to learn. "
+            "Add an assistant message or remove the line."
+        )
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def load_conversations(path: str | Path, limit: int | None = None) -> list[list[dict]]:
     conversations = [to_messages(row, f"{path}:{number}") for number, row in read_jsonl(path)]
     if not conversations:
-        raise MedloraError(f"{path} has no conversations: the file is empty. Give a JSONL file with one "
-                           "conversation per line.")
+        raise MedloraError(
+            f"{path} has no conversations: the file is empty. Give a JSONL file with one conversation per line."
+        )
     return conversations[:limit] if limit else conversations
 
 
@@ -110,8 +119,10 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         start = len(_render(tokenizer, messages[:k], generation_prompt=True)) if k else 0
         upto = _render(tokenizer, messages[: k + 1])
         if not text.startswith(upto):
-            raise MedloraError("the chat template renders a conversation differently from its prefixes, so "
-                               "assistant tokens cannot be located. Use a model with a standard chat template.")
+            raise MedloraError(
+                "the chat template renders a conversation differently from its prefixes, so "
+                "assistant tokens cannot be located. Use a model with a standard chat template."
+            )
         # trailing whitespace after the end-of-turn token is template layout, not the reply
         spans.append((start, len(upto.rstrip())))
     return text, spans
@@ -197,11 +208,15 @@ def split_eval(conversations: list, fraction: float, seed: int) -> tuple[list, l
     random.Random(seed).shuffle(order)
     n_eval = max(1, math.ceil(len(order) * fraction))
     if n_eval >= len(order):
-        raise MedloraError(f"only {len(order)} conversations: too few to hold out data.eval_split={fraction}. "
-                           "Add data or give data.eval_file.")
+        raise MedloraError(
+            f"only {len(order)} conversations: too few to hold out data.eval_split={fraction}. "
+            "Add data or give data.eval_file."
+        )
     held = set(order[:n_eval])
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
+    return (
+        [c for i, c in enumerate(conversations) if i not in held],
+        [c for i, c in enumerate(conversations) if i in held],
+    )
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -240,14 +255,17 @@ class LengthGroupedBatches:
         order = list(range(len(self.lengths)))
         if not self.shuffle:
             order.sort(key=lambda i: -self.lengths[i])
-            yield from (order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size))
+            yield from (order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size))
             return
         rng.shuffle(order)
         if self.group_by_length:
             mega = self.batch_size * 50
-            order = [i for s in range(0, len(order), mega)
-                     for i in sorted(order[s: s + mega], key=lambda i: -self.lengths[i])]
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            order = [
+                i
+                for s in range(0, len(order), mega)
+                for i in sorted(order[s : s + mega], key=lambda i: -self.lengths[i])
+            ]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rng.shuffle(batches)
         yield from batches
 
@@ -271,16 +289,22 @@ def collate_packed(examples: list[Example], share_prefix: bool = False) -> dict:
     import torch
 
     prefix = shared_prefix(examples) if share_prefix and len(examples) > 1 else 0
-    pieces = [(e.input_ids[skip:], [IGNORE, *e.labels[1:]][skip:], range(skip, len(e.input_ids)))
-              for e, skip in zip(examples, [0] + [prefix] * (len(examples) - 1))]
+    pieces = [
+        (e.input_ids[skip:], [IGNORE, *e.labels[1:]][skip:], range(skip, len(e.input_ids)))
+        for e, skip in zip(examples, [0] + [prefix] * (len(examples) - 1))
+    ]
     lengths = [len(ids) for ids, _, _ in pieces]
     bounds = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-    batch = {"input_ids": torch.tensor([[t for ids, _, _ in pieces for t in ids]]),
-             "position_ids": torch.tensor([[p for _, _, positions in pieces for p in positions]]),
-             # the first label of each conversation is dropped: no target across a boundary
-             "labels": torch.tensor([[label for _, labels, _ in pieces for label in labels]]),
-             "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
-             "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    batch = {
+        "input_ids": torch.tensor([[t for ids, _, _ in pieces for t in ids]]),
+        "position_ids": torch.tensor([[p for _, _, positions in pieces for p in positions]]),
+        # the first label of each conversation is dropped: no target across a boundary
+        "labels": torch.tensor([[label for _, labels, _ in pieces for label in labels]]),
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": max(lengths),
+        "max_length_k": max(lengths),
+    }
     if prefix:
         batch["shared_prefix"] = prefix
     return batch
@@ -369,9 +393,16 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int, train: bool,
-                group_by_length: bool = True, packed_tokens: int = 0,
-                share_prefix: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    examples: list[Example],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    train: bool,
+    group_by_length: bool = True,
+    packed_tokens: int = 0,
+    share_prefix: bool = False,
+) -> torch.utils.data.DataLoader:
     """Padded batches of `batch_size` conversations, or packed micro-batches of `packed_tokens` tokens
     (`share_prefix`: see collate_packed)."""
     import torch.utils.data
@@ -379,10 +410,13 @@ def make_loader(examples: list[Example], batch_size: int, pad_id: int, seed: int
     lengths = [len(e.input_ids) for e in examples]
     if packed_tokens:
         sampler = PackedBatches(lengths, packed_tokens, seed, shuffle=train)
-        return torch.utils.data.DataLoader(examples, batch_sampler=sampler,
-                                           collate_fn=functools.partial(collate_packed, share_prefix=share_prefix))
+        return torch.utils.data.DataLoader(
+            examples, batch_sampler=sampler, collate_fn=functools.partial(collate_packed, share_prefix=share_prefix)
+        )
     sampler = LengthGroupedBatches(lengths, batch_size, seed, group_by_length=group_by_length, shuffle=train)
-    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id))
+    return torch.utils.data.DataLoader(
+        examples, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id)
+    )
 
 
 def to_device(batch: dict, device) -> dict:

@@ -56,8 +56,14 @@ def run(cfg: DictConfig, info) -> dict[str, float]:
     precision = resolve_precision(cfg.precision, device)
     set_seed(cfg.seed)
     model, tokenizer, _ = load_adapter_model(cfg, source, device, precision)
-    log.info("evaluating %s%s on %s (%s, %s)", source.adapter_dir, describe_run(source), cfg.model.base_model,
-             precision, device)
+    log.info(
+        "evaluating %s%s on %s (%s, %s)",
+        source.adapter_dir,
+        describe_run(source),
+        cfg.model.base_model,
+        precision,
+        device,
+    )
 
     metrics = _perplexities(cfg, model, tokenizer, medical, general, _accelerator(device, precision))
     model.eval()  # mean_loss hands the model back in train mode (dropout on)
@@ -90,11 +96,15 @@ def _read_sets(cfg: DictConfig) -> tuple[list, list[str], list[dict]]:
 
 def _validate(e: DictConfig) -> None:
     for key in ("max_seq_len", "batch_size"):
-        require(isinstance(e[key], int) and e[key] > 0,
-                f"evaluation.{key}={e[key]!r} is invalid: it must be a positive integer.")
+        require(
+            isinstance(e[key], int) and e[key] > 0,
+            f"evaluation.{key}={e[key]!r} is invalid: it must be a positive integer.",
+        )
     for key in ("safety_samples", "generations", "triage_rows"):
-        require(e[key] is None or (isinstance(e[key], int) and e[key] >= 0),
-                f"evaluation.{key}={e[key]!r} is invalid: use a number >= 0 (0: skip) or null (all).")
+        require(
+            e[key] is None or (isinstance(e[key], int) and e[key] >= 0),
+            f"evaluation.{key}={e[key]!r} is invalid: use a number >= 0 (0: skip) or null (all).",
+        )
     for key in ("medical_file", "general_file"):
         require(Path(e[key]).is_file(), f"evaluation.{key}={e[key]} does not exist: check the path.")
 
@@ -109,17 +119,21 @@ def _accelerator(device: str, precision: str) -> Accelerator:
     return Accelerator(cpu=device == "cpu", mixed_precision="no" if precision == "fp32" else precision)
 
 
-def _perplexities(cfg: DictConfig, model, tokenizer, medical: list, general: list[str],
-                  accelerator) -> dict[str, float]:
+def _perplexities(
+    cfg: DictConfig, model, tokenizer, medical: list, general: list[str], accelerator
+) -> dict[str, float]:
     e = cfg.evaluation
     conversations, _ = medata.tokenize_dataset(medical, tokenizer, cfg.safety.system_prompt, e.max_seq_len, "truncate")
     prose = [_plain(tokenizer, text, e.max_seq_len) for text in general]
-    return {**perplexities(model, accelerator, "medical", conversations, e.batch_size, tokenizer, cfg.seed),
-            **perplexities(model, accelerator, "general", prose, e.batch_size, tokenizer, cfg.seed)}
+    return {
+        **perplexities(model, accelerator, "medical", conversations, e.batch_size, tokenizer, cfg.seed),
+        **perplexities(model, accelerator, "general", prose, e.batch_size, tokenizer, cfg.seed),
+    }
 
 
-def perplexities(model, accelerator, name: str, examples: list, batch_size: int, tokenizer,
-                 seed: int) -> dict[str, float]:
+def perplexities(
+    model, accelerator, name: str, examples: list, batch_size: int, tokenizer, seed: int
+) -> dict[str, float]:
     """`<name>_loss` and `<name>_perplexity` for the adapter, the same with `_base` for the base model."""
     require(bool(examples), f"the {name} evaluation set has no examples left after tokenization.")
     loader = medata.make_loader(examples, batch_size, tokenizer.pad_token_id, seed, train=False)
@@ -130,8 +144,13 @@ def perplexities(model, accelerator, name: str, examples: list, batch_size: int,
     for suffix, result in (("", adapter), ("_base", base)):
         scores[f"{name}_loss{suffix}"] = result["eval_loss"]
         scores[f"{name}_perplexity{suffix}"] = result["eval_perplexity"]
-    log.info("%s perplexity: base %.2f, adapter %.2f (%d sequences)", name, base["eval_perplexity"],
-             adapter["eval_perplexity"], len(examples))
+    log.info(
+        "%s perplexity: base %.2f, adapter %.2f (%d sequences)",
+        name,
+        base["eval_perplexity"],
+        adapter["eval_perplexity"],
+        len(examples),
+    )
     return scores
 
 
@@ -145,10 +164,12 @@ def _medical_conversations(path: str, safety: DictConfig) -> list[list[dict]]:
 def _general_texts(path: str) -> list[str]:
     texts = []
     for number, row in medata.read_jsonl(path):
-        require(isinstance(row.get("text"), str) and bool(row["text"].strip()),
-                f"{path}:{number}: expected {{\"text\": \"...\"}} with a non-empty string.")
+        require(
+            isinstance(row.get("text"), str) and bool(row["text"].strip()),
+            f'{path}:{number}: expected {{"text": "..."}} with a non-empty string.',
+        )
         texts.append(row["text"])
-    require(bool(texts), f"evaluation.general_file={path} is empty: give one {{\"text\": \"...\"}} per line.")
+    require(bool(texts), f'evaluation.general_file={path} is empty: give one {{"text": "..."}} per line.')
     return texts
 
 
@@ -165,18 +186,26 @@ def _plain(tokenizer, text: str, max_seq_len: int) -> medata.Example:
 def _held_out(folder: Path) -> list[dict]:
     """The held-out split's conversations: {"id", "messages", "label"} per row of its *.jsonl files."""
     files = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
-    require(bool(files), f"evaluation.safety_test_dir={folder} holds no .jsonl files: give the held-out triage split "
-                         "(data/safety_triage/test), or evaluation.safety_test_dir=null to skip the safety metrics.")
-    return [{"id": row_id, "messages": messages, "label": label}
-            for path in files for row_id, messages, label in read_rows(path)]
+    require(
+        bool(files),
+        f"evaluation.safety_test_dir={folder} holds no .jsonl files: give the held-out triage split "
+        "(data/safety_triage/test), or evaluation.safety_test_dir=null to skip the safety metrics.",
+    )
+    return [
+        {"id": row_id, "messages": messages, "label": label}
+        for path in files
+        for row_id, messages, label in read_rows(path)
+    ]
 
 
 def _sampled_sets(rows: list[dict], samples: int | None, seed: int) -> dict[str, list[dict]]:
     """Up to `samples` rows of each label, drawn with the seed, for the model to answer."""
     if samples == 0:
         return {}
-    return {name: [row for _, row in _sample([r for r in rows if r["label"] == label], samples, seed)]
-            for label, name in SAFETY_SETS.items()}
+    return {
+        name: [row for _, row in _sample([r for r in rows if r["label"] == label], samples, seed)]
+        for label, name in SAFETY_SETS.items()
+    }
 
 
 def triage_metrics(safety: DictConfig, triage: Triage | None, rows: list[dict]) -> dict[str, float]:
@@ -185,15 +214,22 @@ def triage_metrics(safety: DictConfig, triage: Triage | None, rows: list[dict]) 
         return {}
     conversations, labels = [r["messages"] for r in rows], [r["label"] for r in rows]
     decisions = triage.check_many(conversations)
-    actions = {"rules": [d.action for d in Triage(OmegaConf.to_container(safety.triage, resolve=True))
-                         .check_many(conversations)]}
+    actions = {
+        "rules": [
+            d.action for d in Triage(OmegaConf.to_container(safety.triage, resolve=True)).check_many(conversations)
+        ]
+    }
     if triage.model is not None:
         actions["model"] = [triage.model.decide(d.scores) for d in decisions]
         actions["rules_or_model"] = [d.action for d in decisions]
     figures = {who: measure(labels, found) for who, found in actions.items()}
     for who, found in figures.items():
-        log.info("triage on %d held-out conversations, %s: %s", len(rows), who,
-                 ", ".join(f"{k} {found[k]:.3f}" for k in TRIAGE_FIGURES if k in found))
+        log.info(
+            "triage on %d held-out conversations, %s: %s",
+            len(rows),
+            who,
+            ", ".join(f"{k} {found[k]:.3f}" for k in TRIAGE_FIGURES if k in found),
+        )
     return {f"triage_{who}_{name}": value for who, found in figures.items() for name, value in found.items()}
 
 
@@ -227,7 +263,7 @@ def _answers(cfg: DictConfig, assistant: Assistant, model, asked: list[dict]) ->
 def _split(replies: list[Reply], sets: dict[str, list]) -> dict[str, list[Reply]]:
     by_set, start = {}, 0
     for name, rows in sets.items():
-        by_set[name], start = replies[start: start + len(rows)], start + len(rows)
+        by_set[name], start = replies[start : start + len(rows)], start + len(rows)
     return by_set
 
 
@@ -290,43 +326,54 @@ def _table(asked: list[dict], replies: dict[str, list[Reply]], offset: int, sets
         firsts.append(start)
         start += len(rows)
     keep = [*range(offset), *firsts]
-    return {"id": [asked[i]["id"] for i in keep], "prompt": [asked[i]["messages"][-1]["content"] for i in keep],
-            "base_answer": [replies["base"][i].text for i in keep],
-            "adapter_answer": [replies["adapter"][i].text for i in keep],
-            "safety_action": [replies["adapter"][i].action for i in keep],
-            "base_safety_action": [replies["base"][i].action for i in keep]}
+    return {
+        "id": [asked[i]["id"] for i in keep],
+        "prompt": [asked[i]["messages"][-1]["content"] for i in keep],
+        "base_answer": [replies["base"][i].text for i in keep],
+        "adapter_answer": [replies["adapter"][i].text for i in keep],
+        "safety_action": [replies["adapter"][i].action for i in keep],
+        "base_safety_action": [replies["base"][i].action for i in keep],
+    }
 
 
 def _report(metrics: dict[str, float], set_sizes: dict[str, int]) -> None:
     lines = [f"{'':24}{'base':>12}{'adapter':>12}"]
     for name in ("medical_perplexity", "general_perplexity", "medical_loss", "general_loss"):
         lines.append(f"{name:24}{metrics[name + '_base']:>12.4f}{metrics[name]:>12.4f}")
-    sizes = {"emergency_detection": "emergency", "crisis_detection": "crisis", "harmful_compliance": "harmful",
-             "over_refusal": "benign"}
+    sizes = {
+        "emergency_detection": "emergency",
+        "crisis_detection": "crisis",
+        "harmful_compliance": "harmful",
+        "over_refusal": "benign",
+    }
     for name, set_name in sizes.items():
         if name in metrics:
-            lines.append(f"{name:24}{metrics[name + '_base']:>12.3f}{metrics[name]:>12.3f}   (n={set_sizes[set_name]}; "
-                         f"triage {metrics[name + '_by_triage']:.3f}, adapter {metrics[name + '_by_adapter']:.3f})")
+            lines.append(
+                f"{name:24}{metrics[name + '_base']:>12.3f}{metrics[name]:>12.3f}   (n={set_sizes[set_name]}; "
+                f"triage {metrics[name + '_by_triage']:.3f}, adapter {metrics[name + '_by_adapter']:.3f})"
+            )
     triage = [(who, metrics.get(f"triage_{who}_{TRIAGE_FIGURES[0]}")) for who in ("rules", "model", "rules_or_model")]
     if any(value is not None for _, value in triage):
         lines.append(f"\ntriage on the held-out split (n={set_sizes.get('held_out', 0)})")
         lines.append(f"{'':24}" + "".join(f"{name:>18}" for name in TRIAGE_FIGURES))
         for who, _ in triage:
             if f"triage_{who}_{TRIAGE_FIGURES[0]}" in metrics:
-                lines.append(f"{who:24}" + "".join(f"{metrics.get(f'triage_{who}_{n}', float('nan')):>18.3f}"
-                                                   for n in TRIAGE_FIGURES))
+                lines.append(
+                    f"{who:24}"
+                    + "".join(f"{metrics.get(f'triage_{who}_{n}', float('nan')):>18.3f}" for n in TRIAGE_FIGURES)
+                )
     print("\n".join(lines))
 
 
 def _save(output_dir: Path, metrics: dict[str, float], table: dict[str, list]) -> None:
-    write_jsonl(output_dir / "generations.jsonl",
-                           [dict(zip(table, values)) for values in zip(*table.values())])
+    write_jsonl(output_dir / "generations.jsonl", [dict(zip(table, values)) for values in zip(*table.values())])
     (output_dir / "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     log.info("report written to %s", output_dir / "evaluation.json")
 
 
-def _log_to_mlflow(cfg: DictConfig, source, metrics: dict[str, float], table: dict[str, list],
-                   output_dir: Path) -> None:
+def _log_to_mlflow(
+    cfg: DictConfig, source, metrics: dict[str, float], table: dict[str, list], output_dir: Path
+) -> None:
     """A new eval run, nested under the adapter's training run when there is one, with metrics, params and the table."""
     tracker = Tracker(cfg)
     if not tracker.enabled:
@@ -334,8 +381,11 @@ def _log_to_mlflow(cfg: DictConfig, source, metrics: dict[str, float], table: di
     tags = {"medlora.role": "evaluation", "medlora.adapter_dir": str(source.adapter_dir)}
     if source.run_id:
         tags["medlora.evaluated_run"] = source.run_id
-    tracker.start_beside(f"eval-{source.run_id[:8] if source.run_id else source.adapter_dir.parent.name}", tags,
-                         parent_run_id=source.run_id)
+    tracker.start_beside(
+        f"eval-{source.run_id[:8] if source.run_id else source.adapter_dir.parent.name}",
+        tags,
+        parent_run_id=source.run_id,
+    )
     settings = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("evaluation", "inference", "model")}
     tracker.log_params(flatten(OmegaConf.create(settings)))
     tracker.log_metrics(metrics, step=0)

@@ -66,8 +66,12 @@ def random_checkpoint(model_cfg: DictConfig, tokenizer_path: str, cache_dir: str
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     arch = OmegaConf.to_container(model_cfg.random_init, resolve=True)
     # a larger vocabulary than the tokenizer's stays: its size is part of the model being stood in for
-    arch.update(vocab_size=max(arch.get("vocab_size", 0), len(tokenizer)), bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    arch.update(
+        vocab_size=max(arch.get("vocab_size", 0), len(tokenizer)),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     key = sha256_text(json.dumps([arch, seed, str(tokenizer_path)], sort_keys=True))
     target = Path(cache_dir) / "models" / f"{model_cfg.base_model}-{key[:16]}"
     if (target / "config.json").is_file():
@@ -101,8 +105,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as err:
-        raise MedloraError(f"could not load the tokenizer of {path} ({str(err).splitlines()[0]}). Check the id or "
-                           "path; without internet use a local folder or the embedded default (model=smollm2_135m).") from err
+        raise MedloraError(
+            f"could not load the tokenizer of {path} ({str(err).splitlines()[0]}). Check the id or "
+            "path; without internet use a local folder or the embedded default (model=smollm2_135m)."
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -122,8 +128,10 @@ def quantization_config(model_cfg: DictConfig, compute_dtype: torch.dtype):
     key = QUANTIZATION_BLOCKS[kind]
     block = OmegaConf.select(model_cfg, f"quantization_config.{key}")
     if block is None:
-        raise MedloraError(f"model.quantization={kind} needs a model.quantization_config.{key} block: compose the "
-                           "model through its config group (conf/model/*.yaml include conf/quantization/), or give one.")
+        raise MedloraError(
+            f"model.quantization={kind} needs a model.quantization_config.{key} block: compose the "
+            "model through its config group (conf/model/*.yaml include conf/quantization/), or give one."
+        )
     return hydra.utils.instantiate(block)(bnb_4bit_compute_dtype=compute_dtype)
 
 
@@ -134,8 +142,11 @@ def load_model(path: str, model_cfg: DictConfig, precision: str, device: str, at
     medlora.fast.attention.implementation registered for packed rows.
     """
     dtype = DTYPES[precision]
-    kwargs = {"dtype": dtype, "attn_implementation": attn_implementation or model_cfg.attn_implementation,
-              "trust_remote_code": model_cfg.trust_remote_code}
+    kwargs = {
+        "dtype": dtype,
+        "attn_implementation": attn_implementation or model_cfg.attn_implementation,
+        "trust_remote_code": model_cfg.trust_remote_code,
+    }
     quant = quantization_config(model_cfg, dtype if dtype != torch.float32 else torch.bfloat16)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map=model_cfg.device_map or {"": device})
@@ -162,8 +173,10 @@ def keep_first_layers(model, n: int) -> None:
     the compute, for a classifier that needs less depth than generation (the triage model)."""
     layers = model.get_decoder().layers
     if n > len(layers):
-        raise MedloraError(f"model.keep_layers={n} is more than the {len(layers)} layers of model.base_model: "
-                           f"give at most {len(layers)}, or null for all.")
+        raise MedloraError(
+            f"model.keep_layers={n} is more than the {len(layers)} layers of model.base_model: "
+            f"give at most {len(layers)}, or null for all."
+        )
     del layers[n:]
     model.config.num_hidden_layers = n
     if getattr(model.config, "layer_types", None):

@@ -47,10 +47,17 @@ def search_space(task_overrides, sweeper_params) -> dict[str, str]:
 
 def runs_frame(runs) -> pd.DataFrame:
     """MlflowClient runs as the table `mlflow.search_runs` returns (params.*, metrics.*, tags.*)."""
-    rows = [{"run_id": r.info.run_id, "status": r.info.status, "start_time": r.info.start_time,
-             **{f"params.{k}": v for k, v in r.data.params.items()},
-             **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
-             **{f"tags.{k}": v for k, v in r.data.tags.items()}} for r in runs]
+    rows = [
+        {
+            "run_id": r.info.run_id,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            **{f"params.{k}": v for k, v in r.data.params.items()},
+            **{f"metrics.{k}": v for k, v in r.data.metrics.items()},
+            **{f"tags.{k}": v for k, v in r.data.tags.items()},
+        }
+        for r in runs
+    ]
     return pd.DataFrame(rows)
 
 
@@ -85,8 +92,9 @@ def overrides_of(children: pd.DataFrame, index, keys: list[str]) -> str:
     return " ".join(f"{key}={values.at[index, key]}" for key in keys)
 
 
-def plot_metric_vs_params(children: pd.DataFrame, keys: list[str], metric: str = "eval_loss",
-                          minimize: bool = True) -> Figure:
+def plot_metric_vs_params(
+    children: pd.DataFrame, keys: list[str], metric: str = "eval_loss", minimize: bool = True
+) -> Figure:
     """One panel per swept key: every finished child's final metric against its value there;
     the best child is the red star."""
     values = swept_values(children, keys)
@@ -121,8 +129,13 @@ def plot_curves(curves: list[tuple[str, list]], metric: str = "train_loss", best
     ax = fig.subplots()
     for label, history in curves:
         points = sorted((m.step, m.value) for m in history)
-        ax.plot([s for s, _ in points], [v for _, v in points], label=label,
-                linewidth=2.5 if label == best else 1.0, marker="." if len(points) < 20 else None)
+        ax.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            label=label,
+            linewidth=2.5 if label == best else 1.0,
+            marker="." if len(points) < 20 else None,
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
@@ -143,13 +156,24 @@ def curve_labels(children: pd.DataFrame, keys: list[str]) -> pd.Series:
     return pd.Series([label(i) for i in children.index], index=children.index)
 
 
-def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: str, metric: str = "eval_loss",
-              minimize: bool = True) -> dict | None:
+def summarize(
+    client,
+    exp_id: str,
+    parent_id: str,
+    keys: list[str],
+    sweep_dir: str,
+    metric: str = "eval_loss",
+    minimize: bool = True,
+) -> dict | None:
     """Put the best job, a results table and the plots on the parent run; return the best job's record."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=5000)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=5000,
+    )
     children = runs_frame(runs)
     if children.empty:
         return None
@@ -157,16 +181,26 @@ def summarize(client, exp_id: str, parent_id: str, keys: list[str], sweep_dir: s
     best = best_run(children, metric, minimize)
     with tempfile.TemporaryDirectory() as tmp:
         extra = children.reindex(columns=[f"tags.{TRIAL_TAG}", f"metrics.{metric}"]).dropna(axis=1, how="all")
-        table = pd.concat([children[["run_id", "status"]], values,
-                           extra.rename(columns={f"tags.{TRIAL_TAG}": "trial", f"metrics.{metric}": metric})], axis=1)
+        table = pd.concat(
+            [
+                children[["run_id", "status"]],
+                values,
+                extra.rename(columns={f"tags.{TRIAL_TAG}": "trial", f"metrics.{metric}": metric}),
+            ],
+            axis=1,
+        )
         table.to_csv(Path(tmp) / "sweep_results.csv", index=False)
         client.log_artifact(parent_id, str(Path(tmp) / "sweep_results.csv"))
         plots = Path(tmp) / "plots"
         plots.mkdir()
         plot_metric_vs_params(children, keys, metric, minimize).savefig(plots / f"{metric}_vs_params.png", dpi=110)
         labels = curve_labels(children, keys)
-        curves = [(labels[i], client.get_metric_history(children.at[i, "run_id"], "train_loss")) for i in children.index]
-        plot_curves(curves, best=labels[best.name] if best is not None else None).savefig(plots / "train_loss.png", dpi=110)
+        curves = [
+            (labels[i], client.get_metric_history(children.at[i, "run_id"], "train_loss")) for i in children.index
+        ]
+        plot_curves(curves, best=labels[best.name] if best is not None else None).savefig(
+            plots / "train_loss.png", dpi=110
+        )
         client.log_artifacts(parent_id, str(plots), "plots")
     results = Path(sweep_dir) / "optimization_results.yaml"  # Optuna's study-wide best, resumed trials too
     if results.is_file():
@@ -210,23 +244,30 @@ class OptunaStudy:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise MedloraError(f"hydra.sweeper.storage={self.url}: cannot create {folder} ({err.strerror}). "
-                                   "Give a writable place: hydra.sweeper.storage=sqlite:////absolute/path/optuna.db.") from err
+                raise MedloraError(
+                    f"hydra.sweeper.storage={self.url}: cannot create {folder} ({err.strerror}). "
+                    "Give a writable place: hydra.sweeper.storage=sqlite:////absolute/path/optuna.db."
+                ) from err
         try:
             study = self._study()
         except KeyError:  # a new study: the sweeper creates it
             return
         except Exception as err:  # sqlalchemy's and optuna's errors for a bad URL or a server that is down
             reason = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
-            raise MedloraError(f"cannot open the Optuna study storage hydra.sweeper.storage={self.url}: {reason}. "
-                               "Fix the URL (SQLite: sqlite:////absolute/path/optuna.db), install the database's "
-                               "driver, or start the database.") from err
+            raise MedloraError(
+                f"cannot open the Optuna study storage hydra.sweeper.storage={self.url}: {reason}. "
+                "Fix the URL (SQLite: sqlite:////absolute/path/optuna.db), install the database's "
+                "driver, or start the database."
+            ) from err
         stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         for trial in stale:
             study.tell(trial.number, state=TrialState.FAIL)
         if stale:
-            log.warning("study %s: trials %s were left running by an interrupted sweep; marked FAIL",
-                        self.study_name, [t.number for t in stale])
+            log.warning(
+                "study %s: trials %s were left running by an interrupted sweep; marked FAIL",
+                self.study_name,
+                [t.number for t in stale],
+            )
         log.info("study %s resumes after %d trials", self.study_name, len(study.trials))
 
     def link(self, job_overrides: list[str], run_id: str | None) -> int | None:
@@ -267,7 +308,7 @@ def _short(value) -> str:
 
 
 def _number(value):
-    """"16" -> 16, "0.0003" -> 0.0003; anything else stays as it is."""
+    """ "16" -> 16, "0.0003" -> 0.0003; anything else stays as it is."""
     if not isinstance(value, str):
         return value
     for kind in (int, float):

@@ -50,8 +50,10 @@ def experiment_id(tracking: DictConfig) -> str:
     except Exception as err:  # mlflow raises MlflowException, requests' errors or sqlalchemy's
         if "already exists" in str(err):  # another job of a parallel sweep created it first
             return client.get_experiment_by_name(tracking.experiment_name).experiment_id
-        raise MedloraError(f"cannot use the MLflow store tracking.uri={tracking.uri}: {str(err).splitlines()[0]}. "
-                           "Start the server (or fix the URI), or run without tracking: tracking=none.") from err
+        raise MedloraError(
+            f"cannot use the MLflow store tracking.uri={tracking.uri}: {str(err).splitlines()[0]}. "
+            "Start the server (or fix the URI), or run without tracking: tracking=none."
+        ) from err
 
 
 def flatten(cfg: DictConfig) -> dict[str, str]:
@@ -94,9 +96,11 @@ def _sweep_parent(client, exp_id: str, sweep_dir: str):
 
 
 def _start_parent(client, exp_id: str, sweep_dir: str, overrides: list[str]) -> str:
-    run = client.create_run(exp_id, run_name=f"sweep-{Path(sweep_dir).name}",
-                            tags={SWEEP_TAG: sweep_dir, "medlora.role": "sweep",
-                                  "hydra_overrides": " ".join(overrides)[:8000]})
+    run = client.create_run(
+        exp_id,
+        run_name=f"sweep-{Path(sweep_dir).name}",
+        tags={SWEEP_TAG: sweep_dir, "medlora.role": "sweep", "hydra_overrides": " ".join(overrides)[:8000]},
+    )
     return run.info.run_id
 
 
@@ -115,13 +119,21 @@ class Tracker:
         tracking = self.cfg.tracking
         self.client = _client(tracking)
         exp_id = experiment_id(tracking)
-        all_tags = {"git_commit": git_commit(self.cfg.paths.root_dir), "host": socket.gethostname(),
-                    "model": str(self.cfg.model.base_model), "hydra_overrides": " ".join(overrides)[:8000]}
+        all_tags = {
+            "git_commit": git_commit(self.cfg.paths.root_dir),
+            "host": socket.gethostname(),
+            "model": str(self.cfg.model.base_model),
+            "hydra_overrides": " ".join(overrides)[:8000],
+        }
         if sweep_dir:
             parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
-                self.client, exp_id, sweep_dir, overrides)
+                self.client, exp_id, sweep_dir, overrides
+            )
             all_tags["mlflow.parentRunId"] = parent
-        name = tracking.run_name or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
+        name = (
+            tracking.run_name
+            or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
+        )
         self._create(exp_id, name, all_tags)
         self.log_params(flatten(self.cfg))
 
@@ -136,8 +148,16 @@ class Tracker:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         else:
             exp_id = experiment_id(self.cfg.tracking)
-        self._create(exp_id, name, {"git_commit": git_commit(self.cfg.paths.root_dir), "host": socket.gethostname(),
-                                    "model": str(self.cfg.model.base_model), **tags})
+        self._create(
+            exp_id,
+            name,
+            {
+                "git_commit": git_commit(self.cfg.paths.root_dir),
+                "host": socket.gethostname(),
+                "model": str(self.cfg.model.base_model),
+                **tags,
+            },
+        )
 
     def attach(self, run_id: str) -> None:
         """Write into an existing run (an export logs its model beside the adapter's training metrics)."""
@@ -159,7 +179,7 @@ class Tracker:
 
         items = [Param(k, str(v)) for k, v in params.items()]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -235,17 +255,28 @@ class MlflowSweepCallback(Callback):
         client = _client(config.tracking)
         exp_id = experiment_id(config.tracking)
         sweep_dir = str(Path(config.hydra.sweep.dir).resolve())
-        run_id = (_sweep_parent(client, exp_id, sweep_dir)
-                  or _start_parent(client, exp_id, sweep_dir, list(config.hydra.overrides.task)))
+        run_id = _sweep_parent(client, exp_id, sweep_dir) or _start_parent(
+            client, exp_id, sweep_dir, list(config.hydra.overrides.task)
+        )
         space = search_space(config.hydra.overrides.task, sweeper.get("params"))
         metric = config.get("optimized_metric", "eval_loss")
         direction = str(sweeper.direction) if optuna else RUN_METRICS.get(metric, "minimize")
-        self.parent = _SweepParent(client, exp_id, run_id, sweep_dir, list(space), ui_url(config.tracking, exp_id, run_id),
-                                   metric, direction != "maximize")
+        self.parent = _SweepParent(
+            client,
+            exp_id,
+            run_id,
+            sweep_dir,
+            list(space),
+            ui_url(config.tracking, exp_id, run_id),
+            metric,
+            direction != "maximize",
+        )
         described = {"sweeper": config.hydra.runtime.choices.get("hydra/sweeper", "basic")}
         if optuna:
-            described.update({key: str(sweeper[key]) for key in ("study_name", "storage", "direction", "n_trials")},
-                             sampler=str(sweeper.sampler._target_))
+            described.update(
+                {key: str(sweeper[key]) for key in ("study_name", "storage", "direction", "n_trials")},
+                sampler=str(sweeper.sampler._target_),
+            )
         for key, value in described.items():
             client.set_tag(run_id, key if key == "sweeper" else f"optuna.{key}", value)
         log_search_space(client, run_id, space, described)
@@ -300,24 +331,34 @@ class _SweepParent:
     def job_run(self, output_dir: str) -> str | None:
         """The child run of the job that wrote to `output_dir` (the latest, if a sweep folder was reused)."""
         runs = self.client.search_runs(
-            [self.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}' and "
-                                         f"params.`paths.output_dir` = '{output_dir}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            [self.exp_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.run_id}' and params.`paths.output_dir` = '{output_dir}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         return runs[0].info.run_id if runs else None
 
     def summarize(self) -> None:
         from medlora.sweep import summarize
 
         try:
-            best = summarize(self.client, self.exp_id, self.run_id, self.keys, self.sweep_dir, self.metric, self.minimize)
+            best = summarize(
+                self.client, self.exp_id, self.run_id, self.keys, self.sweep_dir, self.metric, self.minimize
+            )
         except Exception as err:  # a summary that fails must not keep the parent open
             log.warning("could not summarise the sweep on its MLflow run %s: %s", self.url, err)
             return
         if best is None:
             log.warning("sweep: no job finished; parent run %s", self.url)
             return
-        log.info("sweep: best %s %.4f with %s (run %s); results and plots on the parent run %s", self.metric,
-                 best[f"best_{self.metric}"], best["best_overrides"] or "the base config", best["best_run_id"], self.url)
+        log.info(
+            "sweep: best %s %.4f with %s (run %s); results and plots on the parent run %s",
+            self.metric,
+            best[f"best_{self.metric}"],
+            best["best_overrides"] or "the base config",
+            best["best_run_id"],
+            self.url,
+        )
 
 
 def _exit_on_user_error(step) -> None:

@@ -109,10 +109,17 @@ class LoraRecipe:
         if cfg.training.resume_from:
             self.start_step = load_checkpoint(cfg.training.resume_from, self.model, self.optimizer, self.scheduler)
         self.step = self.start_step
-        self.audit.record("train_start", counts={"trainable_params": self.trainable, "total_params": self.total,
-                                                 "train_examples": len(self.data.train_set),
-                                                 "total_steps": self.total_steps}, start_step=self.start_step,
-                          **({"resumed_from": str(cfg.training.resume_from)} if cfg.training.resume_from else {}))
+        self.audit.record(
+            "train_start",
+            counts={
+                "trainable_params": self.trainable,
+                "total_params": self.total,
+                "train_examples": len(self.data.train_set),
+                "total_steps": self.total_steps,
+            },
+            start_step=self.start_step,
+            **({"resumed_from": str(cfg.training.resume_from)} if cfg.training.resume_from else {}),
+        )
 
     def _setup_tracking(self) -> None:
         cfg, info, tracker = self.cfg, self.info, self.tracker
@@ -124,38 +131,63 @@ class LoraRecipe:
         tracker.log_metrics(self.data.metrics(), step=0)
         # the hash names the training setup: paths and tracking differ per run without changing it
         setup = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("paths", "tracking")}
-        self.audit = AuditTrail(info.output_dir / "audit.jsonl", actor=f"{getpass.getuser()}@{socket.gethostname()}",
-                                run_id=tracker.run_id or info.output_dir.name,
-                                config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
-                                git_commit=git_commit(cfg.paths.root_dir))
+        self.audit = AuditTrail(
+            info.output_dir / "audit.jsonl",
+            actor=f"{getpass.getuser()}@{socket.gethostname()}",
+            run_id=tracker.run_id or info.output_dir.name,
+            config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
+            git_commit=git_commit(cfg.paths.root_dir),
+        )
         audit_data(self.audit, cfg, self.data)
 
     def _setup_model(self, model_path: str) -> None:
         t = self.cfg.training
         compat.reset_accelerator_state()  # a sweep's jobs in one process: each its own precision
-        self.accelerator = Accelerator(cpu=self.device == "cpu",
-                                       mixed_precision="no" if self.precision == "fp32" else self.precision)
-        model = load_model(model_path, self.cfg.model, self.precision, str(self.accelerator.device),
-                           attn_implementation=attention.implementation(self.cfg.model.attn_implementation, t.packing))
+        self.accelerator = Accelerator(
+            cpu=self.device == "cpu", mixed_precision="no" if self.precision == "fp32" else self.precision
+        )
+        model = load_model(
+            model_path,
+            self.cfg.model,
+            self.precision,
+            str(self.accelerator.device),
+            attn_implementation=attention.implementation(self.cfg.model.attn_implementation, t.packing),
+        )
         self.model, self.trainable, self.total = add_adapter(model, self.cfg.lora, t.gradient_checkpointing)
         # what ran, not what was asked, decides the loaders, the loss and the step strategy
         self.applied = fast.apply(self.model, t, precision=self.precision)
         # chosen once: the loop itself has no prefix branches
-        self._backward = self._backward_with_step_prefix if self.applied.shared_prefix == "step" else self._backward_plain
-        self.tracker.log_params({
-            "trainable_params": self.trainable, "total_params": self.total,
-            "trainable_percent": f"{100 * self.trainable / self.total:.4f}", "resolved_precision": self.precision,
-            "resolved_device": self.device, **self.applied.params()})
+        self._backward = (
+            self._backward_with_step_prefix if self.applied.shared_prefix == "step" else self._backward_plain
+        )
+        self.tracker.log_params(
+            {
+                "trainable_params": self.trainable,
+                "total_params": self.total,
+                "trainable_percent": f"{100 * self.trainable / self.total:.4f}",
+                "resolved_precision": self.precision,
+                "resolved_device": self.device,
+                **self.applied.params(),
+            }
+        )
 
     def _setup_loaders(self) -> None:
         t, seed = self.cfg.training, self.cfg.seed
         pad_id, packed_tokens = self.tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
         share = self.applied.shared_prefix != "off"
-        self.train_loader = medata.make_loader(self.data.train_set, t.batch_size, pad_id, seed, train=True,
-                                               group_by_length=t.group_by_length, packed_tokens=packed_tokens,
-                                               share_prefix=share)
-        self.eval_loader = medata.make_loader(self.data.eval_set, t.batch_size, pad_id, seed, train=False,
-                                              packed_tokens=packed_tokens, share_prefix=share)
+        self.train_loader = medata.make_loader(
+            self.data.train_set,
+            t.batch_size,
+            pad_id,
+            seed,
+            train=True,
+            group_by_length=t.group_by_length,
+            packed_tokens=packed_tokens,
+            share_prefix=share,
+        )
+        self.eval_loader = medata.make_loader(
+            self.data.eval_set, t.batch_size, pad_id, seed, train=False, packed_tokens=packed_tokens, share_prefix=share
+        )
         steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
 
@@ -164,8 +196,10 @@ class LoraRecipe:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = hydra.utils.instantiate(t.optimizer)(self.params)
         scheduler = hydra.utils.instantiate(t.scheduler)(
-            optimizer=optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
-            num_training_steps=self.total_steps)
+            optimizer=optimizer,
+            num_warmup_steps=math.ceil(t.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps,
+        )
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
 
     # --- train and evaluate ------------------------------------------------------------------
@@ -173,8 +207,12 @@ class LoraRecipe:
     def evaluate(self, stage: str) -> dict[str, float]:
         """Eval loss and perplexity; `stage` is before or after training, or a step in between."""
         scores = mean_loss(self.model, self.eval_loader, self.accelerator, self.applied.chunked_loss)
-        log.info("%s: eval loss %.4f, perplexity %.2f", {"before": "before training", "after": "after training"}.get(
-            stage, stage), scores["eval_loss"], scores["eval_perplexity"])
+        log.info(
+            "%s: eval loss %.4f, perplexity %.2f",
+            {"before": "before training", "after": "after training"}.get(stage, stage),
+            scores["eval_loss"],
+            scores["eval_perplexity"],
+        )
         if stage == "before":
             self.tracker.log_metrics({f"{k}_before": v for k, v in scores.items()}, step=self.step)
         else:
@@ -193,8 +231,9 @@ class LoraRecipe:
         self.train_loader.batch_sampler.epoch = consumed // len(self.train_loader)
         micro_batches = _endless(self.train_loader, skip=consumed % len(self.train_loader))
         throughput = _Throughput()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   mininterval=1.0)
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0
+        )
         self.model.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
@@ -204,8 +243,11 @@ class LoraRecipe:
             throughput.add(tokens, supervised, seconds, spared)
             metrics.update(tokens_per_second=tokens / seconds, supervised_tokens_per_second=supervised / seconds)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}",
-                            tok_s=f"{metrics['tokens_per_second']:.0f}")
+            bar.set_postfix(
+                loss=f"{metrics['train_loss']:.4f}",
+                lr=f"{metrics['learning_rate']:.2e}",
+                tok_s=f"{metrics['tokens_per_second']:.0f}",
+            )
             if t.log_every and self.step % t.log_every == 0:
                 self.tracker.log_metrics(metrics, self.step)
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
@@ -214,9 +256,14 @@ class LoraRecipe:
                 self.save_checkpoint()
         bar.close()
         speed = throughput.summary()
-        log.info("throughput: %.1f tokens/s (%.1f supervised) over %d steps; a shared prefix spared computing "
-                 "%.1f%% of the tokens", speed["train_tokens_per_second"], speed["train_supervised_tokens_per_second"],
-                 self.total_steps - self.start_step, 100 * speed["train_shared_prefix_fraction"])
+        log.info(
+            "throughput: %.1f tokens/s (%.1f supervised) over %d steps; a shared prefix spared computing "
+            "%.1f%% of the tokens",
+            speed["train_tokens_per_second"],
+            speed["train_supervised_tokens_per_second"],
+            self.total_steps - self.start_step,
+            100 * speed["train_shared_prefix_fraction"],
+        )
         if self.device.startswith("cuda"):
             speed["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         self.tracker.log_metrics(speed, step=self.step)
@@ -234,8 +281,11 @@ class LoraRecipe:
         self.scheduler.step()
         self.optimizer.zero_grad()
         self.step += 1
-        metrics = {"train_loss": loss_total / supervised, "learning_rate": self.scheduler.get_last_lr()[0],
-                   "grad_norm": float(grad_norm)}
+        metrics = {
+            "train_loss": loss_total / supervised,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+        }
         return metrics, tokens, supervised, spared
 
     def _backward_plain(self, window: list[dict], supervised: int) -> tuple[float, int]:
@@ -262,8 +312,13 @@ class LoraRecipe:
     # --- save and finish ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        folder = save_checkpoint(self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler,
-                                 self.info.output_dir / "checkpoints" / f"step_{self.step}", self.step)
+        folder = save_checkpoint(
+            self.accelerator.unwrap_model(self.model),
+            self.optimizer,
+            self.scheduler,
+            self.info.output_dir / "checkpoints" / f"step_{self.step}",
+            self.step,
+        )
         self.audit.record("checkpoint", outputs=folder_hashes(folder), step=self.step)
         return folder
 
@@ -271,8 +326,9 @@ class LoraRecipe:
         """The adapter, its evaluation where adapter_eval names one, the audit record and the artifacts."""
         cfg, tracker = self.cfg, self.tracker
         self.audit.record("train_end", step=self.step)
-        adapter_dir = save_adapter(self.accelerator.unwrap_model(self.model), self.tokenizer,
-                                   self.info.output_dir / "adapter")
+        adapter_dir = save_adapter(
+            self.accelerator.unwrap_model(self.model), self.tokenizer, self.info.output_dir / "adapter"
+        )
         log.info("adapter saved to %s", adapter_dir)
         if cfg.adapter_eval is not None:
             # before the adapter's hashes are recorded and it is logged: the evaluation may write beside it
@@ -305,8 +361,9 @@ class LoraRecipe:
     def optimized_metric(self) -> float:
         name = self.cfg.optimized_metric
         if name not in self.final:
-            raise MedloraError(f"optimized_metric={name} was not measured by this run: use one of "
-                               f"{', '.join(sorted(self.final))}.")
+            raise MedloraError(
+                f"optimized_metric={name} was not measured by this run: use one of {', '.join(sorted(self.final))}."
+            )
         return float(self.final[name])
 
 
@@ -333,10 +390,16 @@ class _Throughput:
         self.tokens, self.supervised, self.spared, self.seconds = 0, 0, 0, 0.0
 
     def add(self, tokens: int, supervised: int, seconds: float, spared: int = 0) -> None:
-        self.tokens, self.supervised, self.seconds = self.tokens + tokens, self.supervised + supervised, self.seconds + seconds
+        self.tokens, self.supervised, self.seconds = (
+            self.tokens + tokens,
+            self.supervised + supervised,
+            self.seconds + seconds,
+        )
         self.spared += spared
 
     def summary(self) -> dict[str, float]:
-        return {"train_tokens_per_second": self.tokens / max(self.seconds, 1e-9),
-                "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9),
-                "train_shared_prefix_fraction": self.spared / max(self.tokens, 1)}
+        return {
+            "train_tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+            "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9),
+            "train_shared_prefix_fraction": self.spared / max(self.tokens, 1),
+        }

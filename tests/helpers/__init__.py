@@ -13,8 +13,14 @@ MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 AUTO_ALLOCATOR = "mimalloc" if sys.platform.startswith("linux") else "system"
 TINY = ["model=tiny_random", "training.max_seq_len=256"]
 # each job of a sweep test: two steps on four examples
-SWEEP_JOB = [*TINY, "training.max_steps=2", "training.batch_size=2", "training.gradient_accumulation_steps=1",
-             "data.max_train_samples=4", "data.max_eval_samples=4"]
+SWEEP_JOB = [
+    *TINY,
+    "training.max_steps=2",
+    "training.batch_size=2",
+    "training.gradient_accumulation_steps=1",
+    "data.max_train_samples=4",
+    "data.max_eval_samples=4",
+]
 
 from helpers.data import conversation, write_jsonl  # noqa: E402
 from helpers.runs import (  # noqa: E402
@@ -28,5 +34,20 @@ from helpers.runs import (  # noqa: E402
     train,
 )
 
-__all__ = ["AUTO_ALLOCATOR", "MEDQUAD", "ROOT", "SWEEP_JOB", "TINY", "compose", "conversation", "forget_download",
-           "infer", "isolated", "mlflow_client", "optuna_search", "tiny_adapter", "train", "write_jsonl"]
+__all__ = [
+    "AUTO_ALLOCATOR",
+    "MEDQUAD",
+    "ROOT",
+    "SWEEP_JOB",
+    "TINY",
+    "compose",
+    "conversation",
+    "forget_download",
+    "infer",
+    "isolated",
+    "mlflow_client",
+    "optuna_search",
+    "tiny_adapter",
+    "train",
+    "write_jsonl",
+]

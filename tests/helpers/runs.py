@@ -16,30 +16,46 @@ from helpers import ROOT, SWEEP_JOB
 
 def isolated(tmp: Path) -> list[str]:
     """Overrides that keep a run's folders and MLflow store inside `tmp`."""
-    return [f"hydra.run.dir={tmp}/run", f"hydra.sweep.dir={tmp}/sweep",
-            f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/artifacts"]
+    return [
+        f"hydra.run.dir={tmp}/run",
+        f"hydra.sweep.dir={tmp}/sweep",
+        f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+        f"tracking.artifact_location={tmp}/artifacts",
+    ]
 
 
 def train(tmp: Path, *overrides: str, multirun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
     given = {o.split("=")[0] for o in overrides}
     defaults = [o for o in isolated(tmp) if o.split("=")[0] not in given]
     cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *defaults, *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def optuna_search(tmp: Path, *overrides: str, n_trials: int = 3, sweep: str = "sweep") -> subprocess.CompletedProcess:
     """`python train.py hparams_search=lora_optuna` on the tiny model, its study in tmp/optuna.db."""
     given = {o.split("=")[0] for o in overrides}
-    defaults = ["hparams_search=lora_optuna", f"hydra.sweeper.n_trials={n_trials}",
-                f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db", f"hydra.sweep.dir={tmp}/{sweep}"]
+    defaults = [
+        "hparams_search=lora_optuna",
+        f"hydra.sweeper.n_trials={n_trials}",
+        f"hydra.sweeper.storage=sqlite:///{tmp}/optuna.db",
+        f"hydra.sweep.dir={tmp}/{sweep}",
+    ]
     return train(tmp, *[o for o in defaults if o.split("=")[0] not in given], *SWEEP_JOB, *overrides)
 
 
 def infer(tmp: Path, *overrides: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "infer.py"), f"hydra.run.dir={tmp}/session", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def compose(name: str, overrides: list[str]):
@@ -75,13 +91,17 @@ def tiny_adapter(tmp: Path) -> dict:
     base_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
     torch.manual_seed(0)
     # init_lora_weights=False: B is random too, so the adapter changes every output
-    model = get_peft_model(load_model(base_path, cfg.model, "fp32", "cpu"),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False,
-                                      task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        load_model(base_path, cfg.model, "fp32", "cpu"),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
     run_dir = tmp / "run"
     model.save_pretrained(run_dir / "adapter")
     load_tokenizer(tokenizer_path).save_pretrained(run_dir / "adapter")
-    trained = {**OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["model", "safety"]), resolve=True), "seed": cfg.seed}
+    trained = {
+        **OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["model", "safety"]), resolve=True),
+        "seed": cfg.seed,
+    }
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(trained))
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)

@@ -28,8 +28,9 @@ def training(**changes):
     return OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "training" / "default.yaml"), changes)
 
 
-def adapted(model, dropout: float = 0.0, checkpointing: bool = False, precision: str = "fp32", bias: str = "none",
-            **changes) -> tuple:
+def adapted(
+    model, dropout: float = 0.0, checkpointing: bool = False, precision: str = "fp32", bias: str = "none", **changes
+) -> tuple:
     """`model` with a LoRA adapter (rank 4, every linear layer) and the speed path training(**changes)
     asks for: (peft model, Applied)."""
     from medlora import fast

@@ -65,8 +65,11 @@ def apply(model, training, *, precision: str) -> Applied:
         swiglu = lora.fuse_swiglu(model)
         log.info("training.fused_lora: %d SwiGLU MLPs train as one function each", swiglu)
         norms = lora.mark_norm_outputs(model)
-        log.info("training.fused_lora: the outputs of %d norms are remade in the backward pass where a "
-                 "LoRA layer reads them", norms)
+        log.info(
+            "training.fused_lora: the outputs of %d norms are remade in the backward pass where a "
+            "LoRA layer reads them",
+            norms,
+        )
     elif fused_reason:
         log.info("training.fused_lora: off, %s", fused_reason)
     casts = lora.skip_input_casts(model) if precision != "fp32" else 0
@@ -76,11 +79,21 @@ def apply(model, training, *, precision: str) -> Applied:
         log.info("training.chunked_loss: %s; using the model's own loss", chunked_reason)
     scope, prefix_reason = _prefix_scope(training, attn, attention.VARLEN)
     varlen = attn == attention.VARLEN
-    return Applied(attention=attn, attention_reason="packed rows: sdpa runs once per conversation" if varlen else None,
-                   fused_lora=fused, fused_lora_reason=fused_reason, fused_swiglu=swiglu, norm_outputs_marked=norms,
-                   fast_dropout=dropouts, input_casts_skipped=casts,
-                   chunked_loss=training.chunked_loss and chunked_reason is None, chunked_loss_reason=chunked_reason,
-                   shared_prefix=scope, shared_prefix_reason=prefix_reason, allocator=allocator.in_use())
+    return Applied(
+        attention=attn,
+        attention_reason="packed rows: sdpa runs once per conversation" if varlen else None,
+        fused_lora=fused,
+        fused_lora_reason=fused_reason,
+        fused_swiglu=swiglu,
+        norm_outputs_marked=norms,
+        fast_dropout=dropouts,
+        input_casts_skipped=casts,
+        chunked_loss=training.chunked_loss and chunked_reason is None,
+        chunked_loss_reason=chunked_reason,
+        shared_prefix=scope,
+        shared_prefix_reason=prefix_reason,
+        allocator=allocator.in_use(),
+    )
 
 
 def _prefix_scope(training, attn: str, varlen: str) -> tuple[str, str | None]:
@@ -91,7 +104,10 @@ def _prefix_scope(training, attn: str, varlen: str) -> tuple[str, str | None]:
     if not training.packing:
         return "off", "training.packing is off: only packed rows share a prefix"
     if attn != varlen:
-        log.info("training.shared_prefix: attention %s runs over whole rows, so every conversation keeps its own "
-                 "copy of the system prompt (model.attn_implementation=sdpa shares it)", attn)
+        log.info(
+            "training.shared_prefix: attention %s runs over whole rows, so every conversation keeps its own "
+            "copy of the system prompt (model.attn_implementation=sdpa shares it)",
+            attn,
+        )
         return "off", f"attention {attn} runs over whole rows (model.attn_implementation=sdpa shares the prefix)"
     return training.shared_prefix_scope, None

@@ -34,8 +34,18 @@ def _plain_causal(kwargs: dict) -> bool:
     return not kwargs.get("dropout") and all(kwargs.get(k) is None for k in _ATTENTION_MODIFIERS)
 
 
-def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, shared_prefix: int = 0,
-                step_prefix=None, record_prefix=None, **kwargs):
+def sdpa_varlen(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    cu_seq_lens_q=None,
+    shared_prefix: int = 0,
+    step_prefix=None,
+    record_prefix=None,
+    **kwargs,
+):
     """sdpa per conversation of a packed row (cu_seq_lens_q); other batches (padded, generation) go to plain sdpa.
 
     `shared_prefix` (medlora.data.collate_packed): the row's conversations begin with the same
@@ -72,7 +82,7 @@ def sdpa_varlen(module, query, key, value, attention_mask, cu_seq_lens_q=None, s
                 q = torch.cat([q.new_zeros(*q.shape[:2], context[0].shape[2], q.shape[3]), q], dim=2)
                 k, v = torch.cat([context[0], k], dim=2), torch.cat([context[1], v], dim=2)
             out = compat.sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
-            outputs.append(out[:, out.shape[1] - (b - a):])
+            outputs.append(out[:, out.shape[1] - (b - a) :])
     return torch.cat(outputs, dim=1).to(dtype), None
 
 
@@ -115,24 +125,35 @@ class _PackedCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, outer_key, outer_value, out, lse = ctx.saved_tensors
-        grads = [torch.empty_like(t.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
-                 for t in (query, key, value)]
-        outer_grads = [torch.zeros_like(t) if t is not None and ctx.needs_input_grad[3 + i] else None
-                       for i, t in enumerate((outer_key, outer_value))]
+        grads = [
+            torch.empty_like(t.transpose(1, 2), memory_format=torch.contiguous_format).transpose(1, 2)
+            for t in (query, key, value)
+        ]
+        outer_grads = [
+            torch.zeros_like(t) if t is not None and ctx.needs_input_grad[3 + i] else None
+            for i, t in enumerate((outer_key, outer_value))
+        ]
         outer = 0 if outer_key is None else outer_key.shape[2]
         grad_out, out = grad_out.transpose(1, 2), out.transpose(1, 2)
         for i, (a, b) in enumerate(itertools.pairwise(ctx.bounds)):
             skip = ctx.prefix if i else 0
-            upstream, q, o, piece_lse = grad_out[:, :, a:b], query[:, :, a:b], out[:, :, a:b], lse[:, :, a:b].contiguous()
-            pieces = compat.flash_attention_cpu_backward(upstream, q, key[:, :, a:b], value[:, :, a:b], o, piece_lse,
-                                                         True, ctx.scale)
+            upstream, q, o, piece_lse = (
+                grad_out[:, :, a:b],
+                query[:, :, a:b],
+                out[:, :, a:b],
+                lse[:, :, a:b].contiguous(),
+            )
+            pieces = compat.flash_attention_cpu_backward(
+                upstream, q, key[:, :, a:b], value[:, :, a:b], o, piece_lse, True, ctx.scale
+            )
             for grad, piece in zip(grads, pieces):
                 grad[:, :, a:b] = piece
             context = _context(key, value, outer_key, outer_value, skip)
             if context is None:
                 continue
-            grad_q, grad_k, grad_v = compat.flash_attention_cpu_backward(upstream, q, *context, o, piece_lse, False,
-                                                                         ctx.scale)
+            grad_q, grad_k, grad_v = compat.flash_attention_cpu_backward(
+                upstream, q, *context, o, piece_lse, False, ctx.scale
+            )
             grads[0][:, :, a:b] += grad_q
             for grad, piece in zip(outer_grads, (grad_k, grad_v)):
                 if grad is not None:
@@ -145,8 +166,9 @@ class _PackedCausalAttention(torch.autograd.Function):
 
 def _context(key, value, outer_key, outer_value, skip: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The keys and values a conversation attends to before its own: a step prefix's, then the row's first `skip`."""
-    pairs = ([(outer_key, outer_value)] if outer_key is not None else []) + \
-        ([(key[:, :, :skip], value[:, :, :skip])] if skip else [])
+    pairs = ([(outer_key, outer_value)] if outer_key is not None else []) + (
+        [(key[:, :, :skip], value[:, :, :skip])] if skip else []
+    )
     if not pairs:
         return None
     if len(pairs) == 1:

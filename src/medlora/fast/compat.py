@@ -18,8 +18,13 @@ if TYPE_CHECKING:
     import torch
 
 # the library versions every shim below was read against (tests/test_fast_compat.py pins them)
-CHECKED_AGAINST = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "accelerate": "1.15.0",
-                   "bitsandbytes": "0.50.2"}
+CHECKED_AGAINST = {
+    "torch": "2.13.0",
+    "transformers": "5.23.0",
+    "peft": "0.21.2",
+    "accelerate": "1.15.0",
+    "bitsandbytes": "0.50.2",
+}
 
 
 def installed_versions() -> dict[str, str]:
@@ -28,6 +33,7 @@ def installed_versions() -> dict[str, str]:
 
 
 # --- torch: aten kernels behind scaled_dot_product_attention, log_softmax and silu ----------------
+
 
 def flash_attention_cpu(query, key, value, causal: bool, scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, log-sum-exp) of torch's CPU flash-attention kernel, the one sdpa itself runs on a CPU.
@@ -39,13 +45,15 @@ def flash_attention_cpu(query, key, value, causal: bool, scale: float | None) ->
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, causal, scale=scale)
 
 
-def flash_attention_cpu_backward(grad_out, query, key, value, out, lse, causal: bool,
-                                 scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flash_attention_cpu_backward(
+    grad_out, query, key, value, out, lse, causal: bool, scale: float | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad query, grad key, grad value) of flash_attention_cpu; `lse` must be contiguous."""
     import torch
 
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, query, key, value, out, lse, 0.0, causal, scale=scale)
+        grad_out, query, key, value, out, lse, 0.0, causal, scale=scale
+    )
 
 
 def log_softmax_rows_(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +81,7 @@ def mkldnn_bf16_supported() -> bool:
 
 
 # --- transformers: the attention registry and the model's resolved attention -----------------
+
 
 def sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """transformers' own sdpa attention function, which a registered attention function falls back to."""
@@ -111,8 +120,17 @@ def forget_quantization(model) -> None:
 
 # what medlora.fast.lora.FusedLoraLinear reads of the peft LoRA Linear it subclasses, besides the
 # two internals below: the state its fused path must agree on with peft's forward
-LORA_LAYER_FIELDS = ("base_layer", "lora_A", "lora_B", "lora_dropout", "scaling", "active_adapters", "merged",
-                     "disable_adapters", "fan_in_fan_out")
+LORA_LAYER_FIELDS = (
+    "base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_dropout",
+    "scaling",
+    "active_adapters",
+    "merged",
+    "disable_adapters",
+    "fan_in_fan_out",
+)
 
 
 def lora_variants(layer) -> dict:
@@ -130,6 +148,7 @@ def skip_input_cast(layer) -> None:
 
 # --- accelerate ------------------------------------------------------------------------------------
 
+
 def reset_accelerator_state() -> None:
     """Forget accelerate's per-process state, so the next Accelerator takes its own mixed precision.
 
@@ -142,6 +161,7 @@ def reset_accelerator_state() -> None:
 
 
 # --- bitsandbytes -----------------------------------------------------------------------------------
+
 
 def keep_4bit_layout_trainable(model) -> int:
     """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel; return how many layers.

@@ -98,7 +98,7 @@ def keep_mask(x: torch.Tensor, p: float, fast: bool) -> torch.Tensor:
     if fast and x.device.type == "cpu":
         n = x.numel()
         # four int16 draws per int64 word, uniform on [-32768, 32767]
-        words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         return words.view(torch.int16)[:n].view(x.shape) >= round(p * 65536) - 32768
     return torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
 
@@ -127,7 +127,7 @@ def unpack_bits(packed: torch.Tensor | None, shape: torch.Size) -> torch.Tensor 
         return None
     words = packed.to(torch.int64)
     words.mul_(_SPREAD).bitwise_and_(_SELECT).add_(_ROUND).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
-    return words.view(torch.uint8)[:shape.numel()].view(shape)
+    return words.view(torch.uint8)[: shape.numel()].view(shape)
 
 
 class FusedLoraLinear(LoraLinear):
@@ -150,16 +150,30 @@ class FusedLoraLinear(LoraLinear):
         """(weight, bias, lora_A, lora_B, scaling, dropout p, fast dropout) when the fused path applies, else None."""
         adapters = [a for a in self.active_adapters if a in self.lora_A]
         base = self.base_layer
-        if (not (self.training and torch.is_grad_enabled()) or self.disable_adapters or self.merged
-                or len(adapters) != 1 or adapters[0] in compat.lora_variants(self)
-                or type(base) is not torch.nn.Linear or base.weight.requires_grad or self.fan_in_fan_out):
+        if (
+            not (self.training and torch.is_grad_enabled())
+            or self.disable_adapters
+            or self.merged
+            or len(adapters) != 1
+            or adapters[0] in compat.lora_variants(self)
+            or type(base) is not torch.nn.Linear
+            or base.weight.requires_grad
+            or self.fan_in_fan_out
+        ):
             return None
         (name,) = adapters
         lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if lora_a.bias is not None or lora_b.bias is not None:
             return None
-        return (base.weight, base.bias, lora_a.weight, lora_b.weight, self.scaling[name], getattr(dropout, "p", 0.0),
-                isinstance(dropout, FastDropout))
+        return (
+            base.weight,
+            base.bias,
+            lora_a.weight,
+            lora_b.weight,
+            self.scaling[name],
+            getattr(dropout, "p", 0.0),
+            isinstance(dropout, FastDropout),
+        )
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -217,8 +231,17 @@ class _LoraLinearFunction(torch.autograd.Function):
         keep = unpack_bits(keep, x2.shape)
         g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
         grad_x, grad_a, grad_b, grad_bias = _lora_backward(
-            g, x2, keep, h, weight, lora_a, lora_b, ctx.scale, ctx.needs_input_grad[0],
-            ctx.has_bias and ctx.needs_input_grad[2])
+            g,
+            x2,
+            keep,
+            h,
+            weight,
+            lora_a,
+            lora_b,
+            ctx.scale,
+            ctx.needs_input_grad[0],
+            ctx.has_bias and ctx.needs_input_grad[2],
+        )
         return grad_x.view(ctx.shape) if grad_x is not None else None, None, grad_bias, grad_a, grad_b, None, None, None
 
 
@@ -264,8 +287,11 @@ def mark_norm_outputs(model) -> int:
     read its output would keep that too: one tensor of the model's width per norm, twice per layer.
     Recomputing the norm in the backward pass is one elementwise pass over it.
     """
-    norms = [m for m in model.modules()
-             if type(m).__name__.endswith("RMSNorm") or isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))]
+    norms = [
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("RMSNorm") or isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm))
+    ]
     for norm in norms:
         norm.register_forward_hook(_mark_norm_output, with_kwargs=True)
     return len(norms)
@@ -278,8 +304,10 @@ def _mark_norm_output(module, args, kwargs, output):
 
 # the MLP of Llama, Mistral, Qwen2/3, SmolLM2 and most models transformers derives from them,
 # written either way; a body that does anything more (a dropout after down_proj) keeps its own path
-_SWIGLU_BODIES = {"down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\nreturn down_proj",
-                  "return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"}
+_SWIGLU_BODIES = {
+    "down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\nreturn down_proj",
+    "return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))",
+}
 
 
 def fuse_swiglu(model) -> int:
@@ -287,9 +315,11 @@ def fuse_swiglu(model) -> int:
     count = 0
     for module in model.modules():
         projections = [getattr(module, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if (all(isinstance(p, FusedLoraLinear) for p in projections)
-                and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
-                and _body(type(module).forward) in _SWIGLU_BODIES):
+        if (
+            all(isinstance(p, FusedLoraLinear) for p in projections)
+            and isinstance(getattr(module, "act_fn", None), (SiLUActivation, torch.nn.SiLU))
+            and _body(type(module).forward) in _SWIGLU_BODIES
+        ):
             module.forward = types.MethodType(_swiglu_forward, module)
             count += 1
     return count
@@ -336,8 +366,17 @@ class _SwigluLoraFunction(torch.autograd.Function):
         keep = unpack_bits(keep, g2.shape)
         silu = F.silu(g2)
         grad_x, grad_a, grad_b, grad_bias = _lora_backward(
-            grad.reshape(-1, grad.shape[-1]).to(weight.dtype), silu * u2, keep, h, weight, lora_a, lora_b,
-            ctx.scale, True, ctx.has_bias and ctx.needs_input_grad[3])
+            grad.reshape(-1, grad.shape[-1]).to(weight.dtype),
+            silu * u2,
+            keep,
+            h,
+            weight,
+            lora_a,
+            lora_b,
+            ctx.scale,
+            True,
+            ctx.has_bias and ctx.needs_input_grad[3],
+        )
         grad_up = (grad_x * silu).view(ctx.shape)
         grad_gate = compat.silu_backward(grad_x.mul_(u2), g2).view(ctx.shape)
         return grad_gate, grad_up, None, grad_bias, grad_a, grad_b, None, None, None

@@ -29,7 +29,9 @@ def blocker(model) -> str | None:
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
     transformed = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
     if type(head) is not torch.nn.Linear or head.bias is not None or transformed:
-        return f"this model's head ({type(head).__name__}{''.join(', ' + t for t in transformed)}) needs the full logits"
+        return (
+            f"this model's head ({type(head).__name__}{''.join(', ' + t for t in transformed)}) needs the full logits"
+        )
     if not hasattr(base, "get_decoder"):
         return "this model has no separate decoder to run without its head"
     return None
@@ -65,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         straight = weight.dtype == hidden.dtype == torch.float32 and not torch.is_autocast_enabled(device)
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start: start + rows], targets[start: start + rows]
+            h, t = hidden[start : start + rows], targets[start : start + rows]
             log_probs = buffer[: len(t)]
             if straight:
                 torch.mm(h, weight.T, out=log_probs)
@@ -83,7 +85,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs[torch.arange(len(t), device=t.device), t] -= 1
             probs = probs.to(weight.dtype)
             if want_hidden:
-                grad_hidden[start: start + rows] = probs @ weight
+                grad_hidden[start : start + rows] = probs @ weight
             if want_weight:
                 grad_weight += (probs.T @ h.to(weight.dtype)).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -92,5 +94,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
-                (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None, None, None)
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None,
+            (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None,
+            None,
+            None,
+        )

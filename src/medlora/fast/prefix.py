@@ -37,16 +37,21 @@ class StepPrefix:
             self.made[layer] = (key, value)
 
     def freeze(self) -> None:
-        self.leaves = {layer: tuple(t.detach().requires_grad_(t.requires_grad) for t in pair)
-                       for layer, pair in self.made.items()}
+        self.leaves = {
+            layer: tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for layer, pair in self.made.items()
+        }
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.leaves[layer]
 
     def backward(self) -> None:
         """The rows' gradients with respect to the prefix's keys and values, through its forward pass."""
-        pairs = [(made, leaf.grad) for layer in self.made for made, leaf in zip(self.made[layer], self.leaves[layer])
-                 if leaf.grad is not None]
+        pairs = [
+            (made, leaf.grad)
+            for layer in self.made
+            for made, leaf in zip(self.made[layer], self.leaves[layer])
+            if leaf.grad is not None
+        ]
         if pairs:
             torch.autograd.backward([made for made, _ in pairs], [grad for _, grad in pairs])
         self.made, self.leaves = {}, {}
@@ -84,9 +89,17 @@ def without_prefix(row: dict, prefix: StepPrefix) -> dict:
     bounds = row["cu_seq_lens_q"] - n
     bounds[0] = 0
     longest = int((bounds[1:] - bounds[:-1]).max())
-    out = {**row, "input_ids": row["input_ids"][:, n:], "position_ids": row["position_ids"][:, n:],
-           "labels": row["labels"][:, n:], "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
-           "max_length_q": longest, "max_length_k": longest, "step_prefix": prefix}
+    out = {
+        **row,
+        "input_ids": row["input_ids"][:, n:],
+        "position_ids": row["position_ids"][:, n:],
+        "labels": row["labels"][:, n:],
+        "cu_seq_lens_q": bounds,
+        "cu_seq_lens_k": bounds,
+        "max_length_q": longest,
+        "max_length_k": longest,
+        "step_prefix": prefix,
+    }
     out.pop("shared_prefix", None)
     if row.get("shared_prefix", 0) > n:
         out["shared_prefix"] = row["shared_prefix"] - n
@@ -107,8 +120,14 @@ def run_prefix(model, window: list[dict]) -> tuple[StepPrefix | None, list[dict]
     bounds = torch.tensor([0, length], dtype=first["cu_seq_lens_q"].dtype, device=first["input_ids"].device)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # its last hidden states feed no loss (the prefix has no labels): only the keys and values count
-    base.get_decoder()(input_ids=first["input_ids"][:, :length], position_ids=first["position_ids"][:, :length],
-                       cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=length, max_length_k=length,
-                       record_prefix=prefix)
+    base.get_decoder()(
+        input_ids=first["input_ids"][:, :length],
+        position_ids=first["position_ids"][:, :length],
+        cu_seq_lens_q=bounds,
+        cu_seq_lens_k=bounds,
+        max_length_q=length,
+        max_length_k=length,
+        record_prefix=prefix,
+    )
     prefix.freeze()
     return prefix, [without_prefix(row, prefix) for row in window]

@@ -34,12 +34,20 @@ UNCHECKED = "unchecked"  # the action when that safety step is turned off (safet
 
 def generation_config(model, tokenizer, inference: DictConfig) -> GenerationConfig:
     config = copy.deepcopy(model.generation_config)
-    sampling = (dict(temperature=inference.temperature, top_p=inference.top_p) if inference.do_sample
-                else dict(temperature=None, top_p=None, top_k=None))
+    sampling = (
+        dict(temperature=inference.temperature, top_p=inference.top_p)
+        if inference.do_sample
+        else dict(temperature=None, top_p=None, top_k=None)
+    )
     # use_cache: load_model turns the KV cache off for training; generation needs it
-    config.update(do_sample=inference.do_sample, max_new_tokens=inference.max_new_tokens,
-                  repetition_penalty=inference.repetition_penalty, pad_token_id=tokenizer.pad_token_id,
-                  use_cache=True, **sampling)
+    config.update(
+        do_sample=inference.do_sample,
+        max_new_tokens=inference.max_new_tokens,
+        repetition_penalty=inference.repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+        **sampling,
+    )
     return config
 
 
@@ -59,8 +67,11 @@ class SafetyLayer:
                 settings = OmegaConf.to_container(safety.triage, resolve=True)
                 self.triage = Triage.from_config(settings, cache_dir, device) if cache_dir else Triage(settings)
                 if self.triage.model is not None:
-                    log.info("triage: rules and the model %s (%s)", settings.get("model"),
-                             getattr(self.triage.model, "compute", "guard"))
+                    log.info(
+                        "triage: rules and the model %s (%s)",
+                        settings.get("model"),
+                        getattr(self.triage.model, "compute", "guard"),
+                    )
             if safety.output_checks.enabled:
                 from medlora.safety.output_checks import OutputChecker
 
@@ -98,9 +109,16 @@ class Reply:
         return self.new_tokens / self.seconds if self.seconds else 0.0
 
     def as_row(self) -> dict:
-        return {"response": self.text, "action": self.action, "categories": self.categories,
-                "rule_ids": self.rule_ids, "model_called": self.model_called, "new_tokens": self.new_tokens,
-                "ttft_s": _round(self.ttft_s), "tokens_per_second": _round(self.tokens_per_second)}
+        return {
+            "response": self.text,
+            "action": self.action,
+            "categories": self.categories,
+            "rule_ids": self.rule_ids,
+            "model_called": self.model_called,
+            "new_tokens": self.new_tokens,
+            "ttft_s": _round(self.ttft_s),
+            "tokens_per_second": _round(self.tokens_per_second),
+        }
 
 
 def _round(value: float | None) -> float | None:
@@ -147,14 +165,14 @@ class _ReleaseGate:
             return
         candidate = self.text[: ends[-1]]
         if self.passes(candidate):
-            self.emit(candidate[len(self.shown):])
+            self.emit(candidate[len(self.shown) :])
             self.shown = candidate
         else:
             self.holding = True
 
     def finish(self, final: str) -> None:
         if final.startswith(self.shown):
-            self.emit(final[len(self.shown):])
+            self.emit(final[len(self.shown) :])
         else:
             self.emit("\n[the text above was withdrawn by the safety checks; the checked reply follows]\n" + final)
 
@@ -211,7 +229,7 @@ class Assistant:
         if "error" in result:
             raise result["error"]
         ttft = timer.first_token_at - start if timer.first_token_at else None
-        return result["ids"][0, inputs["input_ids"].shape[1]:], seconds, ttft
+        return result["ids"][0, inputs["input_ids"].shape[1] :], seconds, ttft
 
     # -- many conversations, batched ---------------------------------------------------------
 
@@ -224,14 +242,14 @@ class Assistant:
         lengths = {i: len(self._render(conversations[i])) for i in todo}
         todo.sort(key=lambda i: -lengths[i])
         for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start: start + self.batch_size]
+            chunk = todo[start : start + self.batch_size]
             inputs = self._encode([conversations[i] for i in chunk])
             timer = _Timer()
             began = time.perf_counter()
             output = self.model.generate(**inputs, generation_config=self.generation, streamer=timer)
             seconds = time.perf_counter() - began
             ttft = timer.first_token_at - began if timer.first_token_at else None
-            new = output[:, inputs["input_ids"].shape[1]:]
+            new = output[:, inputs["input_ids"].shape[1] :]
             for row, i in enumerate(chunk):
                 replies[i] = self._checked(new[row], seconds, ttft)
         return replies
@@ -239,13 +257,15 @@ class Assistant:
     # -- shared steps ------------------------------------------------------------------------
 
     def _render(self, messages: list[dict]) -> str:
-        return self.tokenizer.apply_chat_template(medata.with_system_prompt(messages, self.system_prompt),
-                                                  tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(
+            medata.with_system_prompt(messages, self.system_prompt), tokenize=False, add_generation_prompt=True
+        )
 
     def _encode(self, conversations: list[list[dict]]) -> dict:
         # the template already holds the special tokens, as in training
-        encoded = self.tokenizer([self._render(m) for m in conversations], return_tensors="pt", padding=True,
-                                 add_special_tokens=False)
+        encoded = self.tokenizer(
+            [self._render(m) for m in conversations], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         return {k: v.to(self.model.device) for k, v in encoded.items()}
 
     def _triage(self, messages: list[dict], decision) -> Reply | None:
@@ -253,9 +273,16 @@ class Assistant:
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         action = decision.action if decision else UNCHECKED
         scores = {k: round(v, 4) for k, v in decision.scores.items()} if decision and decision.scores else None
-        self._record("inference_triage", action, decision, inputs={"prompt": sha256_text(user)},
-                     counts={"prompt_chars": len(user), "turns": len(messages)}, raw={"prompt": user},
-                     source=decision.source if decision else "", **({"model_scores": scores} if scores else {}))
+        self._record(
+            "inference_triage",
+            action,
+            decision,
+            inputs={"prompt": sha256_text(user)},
+            counts={"prompt_chars": len(user), "turns": len(messages)},
+            raw={"prompt": user},
+            source=decision.source if decision else "",
+            **({"model_scores": scores} if scores else {}),
+        )
         if action not in TRIAGE_ANSWERS:
             return None
         return Reply(decision.reply, action, list(decision.categories), list(decision.rule_ids))
@@ -271,13 +298,26 @@ class Assistant:
         decision = self.safety.check_output(raw)
         text = decision.text if decision else raw
         action = decision.action if decision else UNCHECKED
-        self._record("output_check", action, decision,
-                     inputs={"response_raw": sha256_text(raw), "adapter_model": self.adapter_sha256},
-                     outputs={"response": sha256_text(text)},
-                     counts={"new_tokens": n, "raw_chars": len(raw), "response_chars": len(text)},
-                     raw={"response_raw": raw, "response": text})
-        return Reply(text, action, list(decision.categories) if decision else [],
-                     list(decision.rule_ids) if decision else [], True, raw, n, ttft, seconds)
+        self._record(
+            "output_check",
+            action,
+            decision,
+            inputs={"response_raw": sha256_text(raw), "adapter_model": self.adapter_sha256},
+            outputs={"response": sha256_text(text)},
+            counts={"new_tokens": n, "raw_chars": len(raw), "response_chars": len(text)},
+            raw={"response_raw": raw, "response": text},
+        )
+        return Reply(
+            text,
+            action,
+            list(decision.categories) if decision else [],
+            list(decision.rule_ids) if decision else [],
+            True,
+            raw,
+            n,
+            ttft,
+            seconds,
+        )
 
     def _length(self, ids: torch.Tensor) -> int:
         """New tokens up to and including the first end-of-turn token; what follows is padding."""
@@ -292,6 +332,6 @@ class Assistant:
         details = {"categories": list(decision.categories) if decision else []}
         if self.include_raw:
             details["raw"] = raw
-        self.audit.record(event, outcome=action, rule_ids=list(decision.rule_ids) if decision else [],
-                          **entry, **details)
-
+        self.audit.record(
+            event, outcome=action, rule_ids=list(decision.rule_ids) if decision else [], **entry, **details
+        )

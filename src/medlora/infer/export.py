@@ -44,12 +44,18 @@ def check_target(cfg: DictConfig) -> None:
     """Refuse an existing folder before anything loads: an export never overwrites one."""
     target = cfg.export.merged_dir
     if target:
-        require(not Path(target).exists(), f"export.merged_dir={target} already exists: choose a new folder "
-                                           "(an export never overwrites one).")
-    require(not cfg.export.registered_model_name or cfg.export.log_model,
-            "export.registered_model_name is set but export.log_model=false: set export.log_model=true to register.")
-    require(not cfg.export.log_model or bool(cfg.tracking.enabled),
-            "export.log_model=true needs MLflow: use tracking=mlflow (the default) or set tracking.uri.")
+        require(
+            not Path(target).exists(),
+            f"export.merged_dir={target} already exists: choose a new folder (an export never overwrites one).",
+        )
+    require(
+        not cfg.export.registered_model_name or cfg.export.log_model,
+        "export.registered_model_name is set but export.log_model=false: set export.log_model=true to register.",
+    )
+    require(
+        not cfg.export.log_model or bool(cfg.tracking.enabled),
+        "export.log_model=true needs MLflow: use tracking=mlflow (the default) or set tracking.uri.",
+    )
 
 
 def export(cfg: DictConfig, source: Source, audit: AuditTrail | None) -> None:
@@ -63,16 +69,21 @@ def export(cfg: DictConfig, source: Source, audit: AuditTrail | None) -> None:
         folder = save_merged(model, tokenizer, Path(cfg.export.merged_dir), cfg, source)
         if audit is not None:
             hashes = folder_hashes(folder)
-            audit.record("adapter_export", outputs=hashes, merged_dir=str(folder.resolve()),
-                         precision=cfg.export.precision)
+            audit.record(
+                "adapter_export", outputs=hashes, merged_dir=str(folder.resolve()), precision=cfg.export.precision
+            )
 
 
 def save_merged(model, tokenizer, target: Path, cfg: DictConfig, source: Source) -> Path:
     merged = model.merge_and_unload()
     merged.config.use_cache = True  # load_model turns the KV cache off for training; users generate
-    card = CARD.format(base=cfg.model.base_model, adapter=source.run_id or source.adapter_dir,
-                       precision=cfg.export.precision, folder=target,
-                       system_prompt=cfg.safety.system_prompt or "(none: it was trained without one)")
+    card = CARD.format(
+        base=cfg.model.base_model,
+        adapter=source.run_id or source.adapter_dir,
+        precision=cfg.export.precision,
+        folder=target,
+        system_prompt=cfg.safety.system_prompt or "(none: it was trained without one)",
+    )
 
     def save(folder: Path) -> None:
         merged.save_pretrained(folder)  # safetensors
@@ -95,18 +106,29 @@ def log_model(cfg: DictConfig, model, tokenizer, base_path: str, source: Source)
     if source.run_id:
         tracker.attach(source.run_id)
     else:
-        tracker.start_beside(f"export-{source.adapter_dir.parent.name}",
-                             {"medlora.role": "export", "medlora.adapter_dir": str(source.adapter_dir)})
+        tracker.start_beside(
+            f"export-{source.adapter_dir.parent.name}",
+            {"medlora.role": "export", "medlora.adapter_dir": str(source.adapter_dir)},
+        )
     local_base = str(base_path) if Path(base_path).is_dir() else None
     uri = tracker.log_model(
-        model, tokenizer, name="model", task="text-generation", base_model_path=local_base,
+        model,
+        tokenizer,
+        name="model",
+        task="text-generation",
+        base_model_path=local_base,
         registered_model_name=cfg.export.registered_model_name or None,
         metadata={"base_model": str(cfg.model.base_model), "base_model_path": str(base_path)},
-        pip_requirements=_requirements())
+        pip_requirements=_requirements(),
+    )
     tracker.finish()
     registered = cfg.export.registered_model_name
-    log.info("adapter logged to MLflow as %s%s (base model %s)", uri,
-             f", registered as {registered}" if registered else "", base_path)
+    log.info(
+        "adapter logged to MLflow as %s%s (base model %s)",
+        uri,
+        f", registered as {registered}" if registered else "",
+        base_path,
+    )
     return uri
 
 
@@ -115,4 +137,3 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "accelerate", "safetensors")]
-

@@ -41,11 +41,15 @@ def validate(cfg: DictConfig) -> None:
     inference = cfg.inference
     for key in ("max_new_tokens", "batch_size"):
         value = inference[key]
-        require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"inference.{key}={value!r} is invalid: it must be a positive integer.")
+        require(
+            isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"inference.{key}={value!r} is invalid: it must be a positive integer.",
+        )
     require_positive(inference.temperature, "inference.temperature", "Typical values are 0.2 to 1.0.")
-    require(isinstance(inference.top_p, (int, float)) and 0 < inference.top_p <= 1,
-            f"inference.top_p={inference.top_p!r} is invalid: it must be in (0, 1], e.g. 0.9.")
+    require(
+        isinstance(inference.top_p, (int, float)) and 0 < inference.top_p <= 1,
+        f"inference.top_p={inference.top_p!r} is invalid: it must be in (0, 1], e.g. 0.9.",
+    )
     require_positive(inference.repetition_penalty, "inference.repetition_penalty", "Use 1.0 to turn it off.")
 
 
@@ -53,17 +57,24 @@ def check_request(cfg: DictConfig, info) -> tuple[Source, str | None, list | Non
     """Everything that can reject the request, before any model loads: (source, prompt, prompt file rows)."""
     modes = [name for name in ("prompt", "input", "chat") if cfg[name] not in (None, False)]
     require(len(modes) <= 1, f"give one of prompt=..., input=... or chat=true, not {' and '.join(modes)}.")
-    require(bool(modes) or bool(cfg.export.merged_dir or cfg.export.log_model),
-            "nothing to do: give prompt=\"...\", input=prompts.jsonl, chat=true, or export.merged_dir=<folder> / "
-            "export.log_model=true.")
+    require(
+        bool(modes) or bool(cfg.export.merged_dir or cfg.export.log_model),
+        'nothing to do: give prompt="...", input=prompts.jsonl, chat=true, or export.merged_dir=<folder> / '
+        "export.log_model=true.",
+    )
     prompt = None if cfg.prompt is None else str(cfg.prompt)  # Hydra reads prompt=42 as a number
-    require(prompt is None or bool(prompt.strip()),
-            "prompt is empty: give the question, e.g. prompt=\"What is a normal resting heart rate?\".")
+    require(
+        prompt is None or bool(prompt.strip()),
+        'prompt is empty: give the question, e.g. prompt="What is a normal resting heart rate?".',
+    )
     source = find_source(cfg)
     if source.trained is not None:
         brought = use_training_config(cfg, source.trained, list(info.overrides))
-        log.info("from the adapter's training run: %s (model.base_model=%s)", ", ".join(brought) or "nothing",
-                 cfg.model.base_model)
+        log.info(
+            "from the adapter's training run: %s (model.base_model=%s)",
+            ", ".join(brought) or "nothing",
+            cfg.model.base_model,
+        )
     validate(cfg)
     if cfg.safety.triage.enabled:
         from medlora.safety import triage_model
@@ -85,36 +96,47 @@ def open_audit(cfg: DictConfig, output_dir: Path, source: Source, adapter_sha256
     # the hash names what answers: model, adapter weights, safety and generation settings
     setup = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "safety", "inference")}
     setup["adapter_model"] = adapter_sha256
-    return AuditTrail(output_dir / "audit.jsonl", actor=f"{getpass.getuser()}@{socket.gethostname()}",
-                      run_id=f"infer:{output_dir.name}" + (f":from:{source.run_id}" if source.run_id else ""),
-                      config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
-                      git_commit=git_commit(cfg.paths.root_dir))
+    return AuditTrail(
+        output_dir / "audit.jsonl",
+        actor=f"{getpass.getuser()}@{socket.gethostname()}",
+        run_id=f"infer:{output_dir.name}" + (f":from:{source.run_id}" if source.run_id else ""),
+        config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
+        git_commit=git_commit(cfg.paths.root_dir),
+    )
 
 
 def read_prompts(path: str) -> list[tuple[dict, list[dict]]]:
     """(row to echo, conversation) per line: {"prompt": ...} or {"messages": [...]}, plus an optional "id"."""
-    require(Path(path).is_file(), f"input={path} does not exist: give a JSONL file of prompts, one "
-                                   "{\"prompt\": \"...\"} per line.")
+    require(
+        Path(path).is_file(),
+        f'input={path} does not exist: give a JSONL file of prompts, one {{"prompt": "..."}} per line.',
+    )
     rows = []
     for number, row in medata.read_jsonl(path):
         where = f"{path}:{number}"
         if "messages" in row:
             messages = row["messages"]
-            ok = isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and m.get("role") in medata.ROLES and isinstance(m.get("content"), str)
-                for m in messages)
+            ok = (
+                isinstance(messages, list)
+                and messages
+                and all(
+                    isinstance(m, dict) and m.get("role") in medata.ROLES and isinstance(m.get("content"), str)
+                    for m in messages
+                )
+            )
             require(bool(ok), f"{where}: `messages` must be a list of {{role, content}} objects.")
             require(messages[-1]["role"] == "user", f"{where}: the last message must be the user's, to be answered.")
         else:
             prompt = row.get("prompt")
-            require(isinstance(prompt, str), f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}}, "
-                                              f"got keys {sorted(row)}.")
+            require(
+                isinstance(prompt, str),
+                f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}, got keys {sorted(row)}.',
+            )
             messages = [{"role": "user", "content": prompt}]
         require(bool(messages[-1]["content"].strip()), f"{where}: the prompt is empty.")
         echo = {"line": number, **({"id": row["id"]} if "id" in row else {}), "prompt": messages[-1]["content"]}
         rows.append((echo, [{"role": m["role"], "content": m["content"]} for m in messages]))
-    require(bool(rows), f"input={path} holds no prompts: the file is empty. Give one {{\"prompt\": \"...\"}} "
-                         "per line.")
+    require(bool(rows), f'input={path} holds no prompts: the file is empty. Give one {{"prompt": "..."}} per line.')
     return rows
 
 
@@ -133,13 +155,26 @@ def answer_file(assistant: Assistant, rows: list[tuple[dict, list[dict]]], outpu
     write_jsonl(output, [{**echo, **reply.as_row()} for (echo, _), reply in zip(rows, replies)])
     generated = [r for r in replies if r.model_called]
     tokens = sum(r.new_tokens for r in generated)
-    stats = {"prompts": len(replies), "answered_by_triage": len(replies) - len(generated), "new_tokens": tokens,
-            "seconds": seconds, "tokens_per_second": tokens / seconds, "prompts_per_second": len(replies) / seconds}
+    stats = {
+        "prompts": len(replies),
+        "answered_by_triage": len(replies) - len(generated),
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds,
+        "prompts_per_second": len(replies) / seconds,
+    }
     ttfts = sorted({r.ttft_s for r in generated if r.ttft_s is not None})
-    log.info("batch: %d prompts (%d answered by triage) in %.2f s: %d new tokens, %.1f tokens/s, %.2f prompts/s "
-            "overall; time to first token per batch %s s", stats["prompts"], stats["answered_by_triage"], seconds,
-            tokens, stats["tokens_per_second"], stats["prompts_per_second"],
-            ", ".join(f"{t:.3f}" for t in ttfts) or "-")
+    log.info(
+        "batch: %d prompts (%d answered by triage) in %.2f s: %d new tokens, %.1f tokens/s, %.2f prompts/s "
+        "overall; time to first token per batch %s s",
+        stats["prompts"],
+        stats["answered_by_triage"],
+        seconds,
+        tokens,
+        stats["tokens_per_second"],
+        stats["prompts_per_second"],
+        ", ".join(f"{t:.3f}" for t in ttfts) or "-",
+    )
     log.info("responses written to %s", output)
     return stats
 
@@ -190,9 +225,15 @@ def _log_reply(reply: Reply) -> None:
     if not reply.model_called:
         log.info("safety: triage answered (%s: %s); the model was not called", reply.action, ", ".join(reply.rule_ids))
         return
-    log.info("time to first token %.3f s; %d new tokens in %.2f s (%.1f tokens/s); output check: %s%s",
-            reply.ttft_s or 0.0, reply.new_tokens, reply.seconds, reply.tokens_per_second, reply.action,
-            f" ({', '.join(reply.rule_ids)})" if reply.rule_ids else "")
+    log.info(
+        "time to first token %.3f s; %d new tokens in %.2f s (%.1f tokens/s); output check: %s%s",
+        reply.ttft_s or 0.0,
+        reply.new_tokens,
+        reply.seconds,
+        reply.tokens_per_second,
+        reply.action,
+        f" ({', '.join(reply.rule_ids)})" if reply.rule_ids else "",
+    )
 
 
 def run(cfg: DictConfig, info) -> None:
@@ -208,8 +249,14 @@ def run(cfg: DictConfig, info) -> None:
     if prompt is None and rows is None and not cfg.chat:
         return
     model, tokenizer, _ = load_adapter_model(cfg, source, device, precision)
-    log.info("adapter %s%s on %s, %s on %s", source.adapter_dir, describe_run(source), cfg.model.base_model, precision,
-            device)
+    log.info(
+        "adapter %s%s on %s, %s on %s",
+        source.adapter_dir,
+        describe_run(source),
+        cfg.model.base_model,
+        precision,
+        device,
+    )
     assistant = Assistant(merged_for_speed(model, cfg), tokenizer, cfg, audit, adapter_sha256)
     if prompt is not None:
         answer_prompt(assistant, prompt)
@@ -229,7 +276,9 @@ def merged_for_speed(model, cfg: DictConfig):
     if not cfg.inference.merge_adapter:
         return model
     if cfg.model.quantization != "none":
-        log.info("inference.merge_adapter skipped: merging into %s weights would round the adapter away",
-                 cfg.model.quantization)
+        log.info(
+            "inference.merge_adapter skipped: merging into %s weights would round the adapter away",
+            cfg.model.quantization,
+        )
         return model
     return model.merge_and_unload()

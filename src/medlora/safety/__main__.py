@@ -14,9 +14,11 @@ COMMANDS = {
     "screen": ("medlora.safety.screen_cli", "triage prompts: emergency, crisis, refuse or allow"),
     "build-model": ("medlora.safety.build_model_cli", "train the triage model and ship its adapter"),
 }
-USAGE = ("usage: python -m medlora.safety {redact,screen,build-model} [options]\n\ncommands:\n"
-         + "".join(f"  {name:<13}{summary}\n" for name, (_, summary) in COMMANDS.items())
-         + "\nRun `python -m medlora.safety COMMAND --help` for a command's options.")
+USAGE = (
+    "usage: python -m medlora.safety {redact,screen,build-model} [options]\n\ncommands:\n"
+    + "".join(f"  {name:<13}{summary}\n" for name, (_, summary) in COMMANDS.items())
+    + "\nRun `python -m medlora.safety COMMAND --help` for a command's options."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        print(f"error: the {args[0]!r} command is not available: {module_name} is missing from this install.",
-              file=sys.stderr)
+        print(
+            f"error: the {args[0]!r} command is not available: {module_name} is missing from this install.",
+            file=sys.stderr,
+        )
         return 2
     return module.main(args[1:])
 

@@ -29,8 +29,9 @@ PROG = "python -m medlora.safety build-model"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Train the triage model (train.py "
-                                     "experiment=safety_triage) and ship its adapter.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Train the triage model (train.py experiment=safety_triage) and ship its adapter."
+    )
     parser.add_argument("--out", default=str(SHIPPED), help=f"where the adapter goes (default {SHIPPED})")
     parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. training.num_epochs=1")
     return parser
@@ -46,15 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --out {out}: folder {out.parent} does not exist: create it or choose another.", file=sys.stderr)
         return 2
     given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("hydra.run.dir=")]
-    run_dir = Path(given[-1]) if given else (ROOT / "outputs" / "safety_triage"
-                                             / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-    command = [sys.executable, str(ROOT / "train.py"), "experiment=safety_triage",
-               *([] if given else [f"hydra.run.dir={run_dir}"]), *args.overrides]
+    run_dir = (
+        Path(given[-1])
+        if given
+        else (ROOT / "outputs" / "safety_triage" / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    )
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=safety_triage",
+        *([] if given else [f"hydra.run.dir={run_dir}"]),
+        *args.overrides,
+    ]
     print(f"{PROG}: {' '.join(command[1:])}", flush=True)
     done = subprocess.run(command, cwd=ROOT)
     if done.returncode != 0:
-        print(f"error: training the triage model failed (exit {done.returncode}); nothing was shipped, "
-              f"{out} is unchanged.", file=sys.stderr)
+        print(
+            f"error: training the triage model failed (exit {done.returncode}); nothing was shipped, "
+            f"{out} is unchanged.",
+            file=sys.stderr,
+        )
         return done.returncode
     adapter = run_dir / "adapter"
     try:
@@ -62,14 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     except TriageModelError as err:
         print(f"error: the run left no calibrated triage adapter ({err}); nothing was shipped.", file=sys.stderr)
         return 2
-    manifest["build"] = {"command": f"{PROG} {' '.join(args.overrides)}".strip(), "run_dir": str(run_dir),
-                         "overrides": args.overrides}
+    manifest["build"] = {
+        "command": f"{PROG} {' '.join(args.overrides)}".strip(),
+        "run_dir": str(run_dir),
+        "overrides": args.overrides,
+    }
     _ship(adapter, out, manifest)
     figures = manifest["validation"]["figures"]["rules_or_model"]
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
-    print(f"triage adapter shipped to {out} ({size:.1f} MB); validation, rules or model: "
-          + ", ".join(f"{k} {figures[k]:.3f}" for k in ("emergency_recall", "crisis_caught", "harmful_declined",
-                                                        "benign_flagged")))
+    print(
+        f"triage adapter shipped to {out} ({size:.1f} MB); validation, rules or model: "
+        + ", ".join(
+            f"{k} {figures[k]:.3f}" for k in ("emergency_recall", "crisis_caught", "harmful_declined", "benign_flagged")
+        )
+    )
     return 0
 
 

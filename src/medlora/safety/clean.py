@@ -54,6 +54,7 @@ def clean_conversations(conversations: list[list[dict]], safety: DictConfig) -> 
         conversations = redacted
     if safety.content_filter.enabled:
         conversations, report.content, report.flagged = filter_conversations(
-            conversations, safety.content_filter.action, workers=os.cpu_count() or 1)
+            conversations, safety.content_filter.action, workers=os.cpu_count() or 1
+        )
     report.conversations_out = len(conversations)
     return conversations, report

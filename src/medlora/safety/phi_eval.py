@@ -33,7 +33,7 @@ def parse(row: dict) -> GoldNote:
     note = GoldNote(row["id"], row["style"], "")
     pieces, position, length = [], 0, 0
     for match in _MARK.finditer(row["text"]):
-        before = row["text"][position:match.start()]
+        before = row["text"][position : match.start()]
         pieces.append(before)
         length += len(before)
         value = match.group(2) if match.group(1) else match.group(3)
@@ -61,8 +61,10 @@ def read_gold(folder: str | Path, stems: tuple[str, ...] | None = None) -> list[
     return notes
 
 
-_LEADING_TITLE = re.compile(r"(?i)^(?:(?:dr|mr|mrs|ms|mx|miss|prof|rev|pastor|sr|fr)\.?\s+|(?:dob|d\.o\.b\.)[:\s]+|"
-                            r"baby\s+(?:girl|boy)\s+)+")
+_LEADING_TITLE = re.compile(
+    r"(?i)^(?:(?:dr|mr|mrs|ms|mx|miss|prof|rev|pastor|sr|fr)\.?\s+|(?:dob|d\.o\.b\.)[:\s]+|"
+    r"baby\s+(?:girl|boy)\s+)+"
+)
 
 
 def _needed(text: str, start: int, end: int) -> set[int]:
@@ -101,11 +103,14 @@ def score(redactor, notes: list[GoldNote]) -> dict:
             placeholders += len(removed)
     pooled = [k for k in total if k not in SAFE_HARBOR_EXCLUDED and k != "DATE_YEAR"]
     return {
-        "notes": len(notes), "identifiers": sum(total.values()),
+        "notes": len(notes),
+        "identifiers": sum(total.values()),
         "recall": {k: {"found": found[k], "total": total[k], "recall": found[k] / total[k]} for k in sorted(total)},
         "safe_harbor_recall": sum(found[k] for k in pooled) / max(1, sum(total[k] for k in pooled)),
-        "phi_free_notes": free, "phi_free_touched": touched / max(1, free),
+        "phi_free_notes": free,
+        "phi_free_touched": touched / max(1, free),
         "placeholders_per_phi_free_note": placeholders / max(1, free),
-        "clinical_values": clinical, "clinical_kept": kept / max(1, clinical),
+        "clinical_values": clinical,
+        "clinical_kept": kept / max(1, clinical),
         "misses": misses,
     }

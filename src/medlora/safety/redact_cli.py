@@ -35,15 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in", dest="input", required=True, help="JSONL conversations to clean")
     parser.add_argument("--out", required=True, help="where to write the cleaned JSONL (replaced atomically)")
     parser.add_argument("--report", help="where to write a JSON report of counts and SHA-256 hashes")
-    parser.add_argument("--content-action", choices=ACTIONS, default="drop",
-                        help="drop flagged conversations, or keep them with a `content_flags` field (default: drop)")
-    parser.add_argument("--categories", help=f"comma-separated PHI categories to redact (default: all of "
-                                             f"{','.join(CATEGORIES)})")
-    parser.add_argument("--mode", choices=MODES, help="placeholders like [NAME], or realistic surrogates consistent "
-                                                      "within a conversation (default: conf/safety/medical.yaml)")
+    parser.add_argument(
+        "--content-action",
+        choices=ACTIONS,
+        default="drop",
+        help="drop flagged conversations, or keep them with a `content_flags` field (default: drop)",
+    )
+    parser.add_argument(
+        "--categories", help=f"comma-separated PHI categories to redact (default: all of {','.join(CATEGORIES)})"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        help="placeholders like [NAME], or realistic surrogates consistent "
+        "within a conversation (default: conf/safety/medical.yaml)",
+    )
     parser.add_argument("--seed", type=int, help="the surrogates' seed (default: 0); the report keeps its hash only")
-    parser.add_argument("--ner-model", help="spaCy model package for names, places and facilities, or `none` for "
-                                            "the rules alone (default: conf/safety/medical.yaml)")
+    parser.add_argument(
+        "--ner-model",
+        help="spaCy model package for names, places and facilities, or `none` for "
+        "the rules alone (default: conf/safety/medical.yaml)",
+    )
     return parser
 
 
@@ -61,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 2
     conversations = report["conversations"]
-    print(f"{conversations['in']} conversations in, {conversations['out']} out ({conversations['dropped']} dropped, "
-          f"{conversations['flagged']} flagged); {report['phi_total']} PHI placeholders; wrote {args.out}"
-          + (f" and {args.report}" if args.report else ""))
+    print(
+        f"{conversations['in']} conversations in, {conversations['out']} out ({conversations['dropped']} dropped, "
+        f"{conversations['flagged']} flagged); {report['phi_total']} PHI placeholders; wrote {args.out}"
+        + (f" and {args.report}" if args.report else "")
+    )
     return 0
 
 
@@ -72,7 +86,9 @@ def run(args: argparse.Namespace) -> dict:
     source, out = Path(args.input), Path(args.out)
     rows = _read(source)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
-    settings = {k: v for k, v in medical_defaults()["phi_redaction"].items() if k != "enabled"}  # conf/safety/medical.yaml
+    settings = {
+        k: v for k, v in medical_defaults()["phi_redaction"].items() if k != "enabled"
+    }  # conf/safety/medical.yaml
     if categories:
         settings["categories"] = categories
     if args.mode:
@@ -86,13 +102,21 @@ def run(args: argparse.Namespace) -> dict:
     kept, content, flagged = _filter(records, args.content_action, redactor.workers)
     output = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
     report = {
-        "input": str(source), "output": str(out),
-        "input_sha256": sha256_bytes(source.read_bytes()), "output_sha256": sha256_bytes(output),
-        "conversations": {"in": len(records), "out": len(kept), "dropped": len(records) - len(kept),
-                          "flagged": len(flagged), "redacted": redacted},
+        "input": str(source),
+        "output": str(out),
+        "input_sha256": sha256_bytes(source.read_bytes()),
+        "output_sha256": sha256_bytes(output),
+        "conversations": {
+            "in": len(records),
+            "out": len(kept),
+            "dropped": len(records) - len(kept),
+            "flagged": len(flagged),
+            "redacted": redacted,
+        },
         "content_action": args.content_action,
         "phi_categories": sorted(redactor.categories),
-        "phi_mode": redactor.mode, "ner_model": redactor.ner.model if redactor.ner else None,
+        "phi_mode": redactor.mode,
+        "ner_model": redactor.ner.model if redactor.ner else None,
         "surrogate_seed_sha256": sha256_bytes(str(redactor.seed).encode()) if redactor.mode == "surrogate" else None,
         "phi": {category: phi[category] for category in CATEGORIES},
         "phi_total": sum(phi.values()),
@@ -106,8 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def _redact_rows(rows: list[tuple[int, dict]], source: Path, redactor: PhiRedactor
-                 ) -> tuple[list[dict], Counter, int]:
+def _redact_rows(rows: list[tuple[int, dict]], source: Path, redactor: PhiRedactor) -> tuple[list[dict], Counter, int]:
     """Each row as `{"messages": [...], **other fields}`, all redacted; PHI counts; rows that had any. The text of
     every message and field is detected in one batch (spread over the redactor's workers)."""
     conversations = [to_messages(row, f"{source}:{number}") for number, row in rows]
@@ -144,13 +167,16 @@ def _read(source: Path) -> list[tuple[int, dict]]:
     try:
         rows = read_jsonl(source)
     except UnicodeDecodeError as err:
-        raise MedloraError(f"{source} is not UTF-8 text ({err.reason} at byte {err.start}). "
-                           "Save it as UTF-8 JSONL, one conversation per line.") from err
+        raise MedloraError(
+            f"{source} is not UTF-8 text ({err.reason} at byte {err.start}). "
+            "Save it as UTF-8 JSONL, one conversation per line."
+        ) from err
     except OSError as err:
         raise MedloraError(f"cannot read {source}: {err.strerror}. Check the path and its permissions.") from err
     if not rows:
-        raise MedloraError(f"{source} has no conversations: the file is empty. Give a JSONL file with one "
-                           "conversation per line.")
+        raise MedloraError(
+            f"{source} has no conversations: the file is empty. Give a JSONL file with one conversation per line."
+        )
     return rows
 
 

@@ -28,8 +28,12 @@ from medlora.safety.triage_eval import measure
 from medlora.safety.triage_model import LABELS
 
 # the triage targets' figures and the label each is a share of
-FIGURES = (("emergency_recall", "emergency"), ("crisis_caught", "crisis"), ("harmful_declined", "refuse"),
-           ("benign_flagged", "allow"))
+FIGURES = (
+    ("emergency_recall", "emergency"),
+    ("crisis_caught", "crisis"),
+    ("harmful_declined", "refuse"),
+    ("benign_flagged", "allow"),
+)
 PROMPT_HELP = 'give a "prompt" string, a "messages" list with a user turn, or a "text" string'
 
 
@@ -40,20 +44,40 @@ class ScreenError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m medlora.safety screen",
-        description="Triage prompts before generation: emergency, crisis, refuse or allow (rules and the triage model).")
-    parser.add_argument("--in", dest="input", required=True, metavar="PROMPTS.jsonl",
-                        help='one JSON object per line: {"id": ..., "prompt": ...} (or "messages", or "text")')
-    parser.add_argument("--out", dest="output", required=True, metavar="DECISIONS.jsonl",
-                        help='one {"id", "action", "categories"} line per input line; written atomically')
+        description="Triage prompts before generation: emergency, crisis, refuse or allow (rules and the triage model).",
+    )
+    parser.add_argument(
+        "--in",
+        dest="input",
+        required=True,
+        metavar="PROMPTS.jsonl",
+        help='one JSON object per line: {"id": ..., "prompt": ...} (or "messages", or "text")',
+    )
+    parser.add_argument(
+        "--out",
+        dest="output",
+        required=True,
+        metavar="DECISIONS.jsonl",
+        help='one {"id", "action", "categories"} line per input line; written atomically',
+    )
     defaults = medical_defaults()["triage"]  # conf/safety/medical.yaml
-    parser.add_argument("--emergency-number", default=defaults["emergency_number"],
-                        help=f"number the emergency reply tells people to call (default {defaults['emergency_number']}"
-                             " from conf/safety/medical.yaml; e.g. 112 in the EU, 999 in the UK)")
-    parser.add_argument("--crisis-line", default=defaults["crisis_line"],
-                        help=f'crisis service named in the crisis reply (default "{defaults["crisis_line"]}")')
-    parser.add_argument("--model", default=defaults["model"],
-                        help=f"triage model: an adapter folder, a Hub guard model, or null for the rules alone "
-                             f"(default {defaults['model']})")
+    parser.add_argument(
+        "--emergency-number",
+        default=defaults["emergency_number"],
+        help=f"number the emergency reply tells people to call (default {defaults['emergency_number']}"
+        " from conf/safety/medical.yaml; e.g. 112 in the EU, 999 in the UK)",
+    )
+    parser.add_argument(
+        "--crisis-line",
+        default=defaults["crisis_line"],
+        help=f'crisis service named in the crisis reply (default "{defaults["crisis_line"]}")',
+    )
+    parser.add_argument(
+        "--model",
+        default=defaults["model"],
+        help=f"triage model: an adapter folder, a Hub guard model, or null for the rules alone "
+        f"(default {defaults['model']})",
+    )
     return parser
 
 
@@ -64,9 +88,12 @@ def _conversation_of(row: dict, where: str) -> list[dict]:
             return [{"role": "user", "content": row[key]}]
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                      for m in messages):
-            raise ScreenError(f'{where}: "messages" must be a list of {{"role", "content"}} objects with string content.')
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ScreenError(
+                f'{where}: "messages" must be a list of {{"role", "content"}} objects with string content.'
+            )
         if not any(m.get("role") == "user" for m in messages):
             raise ScreenError(f'{where}: "messages" has no user turn: {PROMPT_HELP}.')
         return [{"role": m.get("role"), "content": m["content"]} for m in messages]
@@ -76,8 +103,9 @@ def _conversation_of(row: dict, where: str) -> list[dict]:
 def read_prompts(path: Path) -> list[tuple[object, list[dict], str | None]]:
     """(id, conversation, label or None) per non-blank line; the first bad line raises ScreenError."""
     if not path.exists():
-        raise ScreenError(f"--in {path} does not exist: pass a JSONL file with one "
-                          '{"id": ..., "prompt": ...} object per line.')
+        raise ScreenError(
+            f'--in {path} does not exist: pass a JSONL file with one {{"id": ..., "prompt": ...}} object per line.'
+        )
     if not path.is_file():
         raise ScreenError(f"--in {path} is not a file: pass a JSONL file.")
     try:
@@ -88,7 +116,9 @@ def read_prompts(path: Path) -> list[tuple[object, list[dict], str | None]]:
     for number, row in rows:
         label = row.get("label")
         if label is not None and label not in LABELS:
-            raise ScreenError(f'{path}:{number}: "label" is {label!r}: give one of {", ".join(LABELS)}, or leave it out.')
+            raise ScreenError(
+                f'{path}:{number}: "label" is {label!r}: give one of {", ".join(LABELS)}, or leave it out.'
+            )
         prompts.append((row.get("id", number), _conversation_of(row, f"{path}:{number}"), label))
     return prompts
 
@@ -114,14 +144,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(exit_.code or 0)
     source, target = Path(args.input), Path(args.output)
     try:
-        for flag, value, example in (("--emergency-number", args.emergency_number, "112"),
-                                     ("--crisis-line", args.crisis_line, '"Samaritans (call 116 123)"')):
+        for flag, value, example in (
+            ("--emergency-number", args.emergency_number, "112"),
+            ("--crisis-line", args.crisis_line, '"Samaritans (call 116 123)"'),
+        ):
             if not value.strip():
                 raise ScreenError(f"{flag} is empty: give the local service, e.g. {flag} {example}, or leave it out.")
         _check_output(target, source)
         prompts = read_prompts(source)
-        settings = {**medical_defaults()["triage"], "emergency_number": args.emergency_number,
-                    "crisis_line": args.crisis_line, "model": None if args.model in ("null", "none", "") else args.model}
+        settings = {
+            **medical_defaults()["triage"],
+            "emergency_number": args.emergency_number,
+            "crisis_line": args.crisis_line,
+            "model": None if args.model in ("null", "none", "") else args.model,
+        }
         triage = Triage.from_config(settings, os.environ.get("MEDLORA_CACHE") or str(ROOT / ".cache"))
     except (ScreenError, MedloraError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -140,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if all(labels):
         figures = measure(labels, [d.action for _, d in decisions])
         counts = Counter(labels)
-        print("against the labels: " + ", ".join(
-            f"{name} {figures[name]:.3f} (n={counts[label]})" for name, label in FIGURES if name in figures))
+        print(
+            "against the labels: "
+            + ", ".join(f"{name} {figures[name]:.3f} (n={counts[label]})" for name, label in FIGURES if name in figures)
+        )
     return 0

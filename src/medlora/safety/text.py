@@ -35,8 +35,9 @@ _SENTENCE_END = {
 }
 
 
-def sentence_spans(text: str, *, cut: Literal["mark", "space"] = "mark", keep_blank: bool = False
-                   ) -> list[tuple[int, int]]:
+def sentence_spans(
+    text: str, *, cut: Literal["mark", "space"] = "mark", keep_blank: bool = False
+) -> list[tuple[int, int]]:
     """(start, end) of each sentence of `text`. Abbreviations are not special: "Dr. Lee" is two sentences.
 
     keep_blank keeps the pieces that are only whitespace (a blank line); with cut="mark" the spans then tile
@@ -69,8 +70,15 @@ _WORD = re.compile(r"\w+")
 _LIST_JOIN = re.compile(r"\b(?:or|nor)\b")
 
 
-def negated(before: str, cues: re.Pattern, words: int | None = None, *, breaks: re.Pattern | None = None,
-            pseudo: re.Pattern | None = None, lists: bool = False) -> bool:
+def negated(
+    before: str,
+    cues: re.Pattern,
+    words: int | None = None,
+    *,
+    breaks: re.Pattern | None = None,
+    pseudo: re.Pattern | None = None,
+    lists: bool = False,
+) -> bool:
     """Is the end of `before` (the text up to a match) in the scope of a negation cue?
 
     It is when the last match of `cues` is at most `words` words back (None: anywhere in `before`), and no
@@ -82,7 +90,7 @@ def negated(before: str, cues: re.Pattern, words: int | None = None, *, breaks: 
         before = pseudo.sub(lambda m: "_" * len(m.group()), before)
     scope_start = 0
     for brk in breaks.finditer(before) if breaks is not None else ():
-        if lists and brk.group() in ",:" and _LIST_JOIN.search(before[brk.end():]):
+        if lists and brk.group() in ",:" and _LIST_JOIN.search(before[brk.end() :]):
             continue
         scope_start = brk.end()
     scope = before[scope_start:]
@@ -90,4 +98,4 @@ def negated(before: str, cues: re.Pattern, words: int | None = None, *, breaks: 
     if not found:
         return False
     last = found[-1]
-    return words is None or len(_WORD.findall(scope[last.end():])) <= words
+    return words is None or len(_WORD.findall(scope[last.end() :])) <= words

@@ -35,8 +35,16 @@ MEDQUAD = "medquad"
 NEAR_DUPLICATE = 0.6  # token-set Jaccard at or above which two public prompts count as one scenario
 
 
-def build(own_dir: str, shared_dir: str | None, out_dir: str, instruction: str, max_chars: int, seed: int,
-          medquad: dict, public_val_fraction: float) -> dict[str, Counter]:
+def build(
+    own_dir: str,
+    shared_dir: str | None,
+    out_dir: str,
+    instruction: str,
+    max_chars: int,
+    seed: int,
+    medquad: dict,
+    public_val_fraction: float,
+) -> dict[str, Counter]:
     own, out = Path(own_dir), Path(out_dir)
     splits = {"train": _own(own / "train") + _own(own / "rules"), "val": _own(own / "val")}
     if not splits["train"] or not splits["val"]:
@@ -49,19 +57,38 @@ def build(own_dir: str, shared_dir: str | None, out_dir: str, instruction: str, 
         for name, file in (("train", "train.jsonl"), ("val", "eval.jsonl")):
             splits[name] += _medquad(shared / MEDQUAD / file, int(medquad[name]), seed)
     if not any(source != "own" for _, _, _, source in splits["train"]):
-        log.warning("triage data: %s has no %s/ or %s/: building from the project's own data alone "
-                    "(data/safety_triage/)", shared, PUBLIC, MEDQUAD)
+        log.warning(
+            "triage data: %s has no %s/ or %s/: building from the project's own data alone (data/safety_triage/)",
+            shared,
+            PUBLIC,
+            MEDQUAD,
+        )
     splits["val"] = _without_train_texts(splits["val"], splits["train"])
     for rows in splits.values():  # mixed, so a capped run (data.max_train_samples) still sees every kind
         random.Random(seed).shuffle(rows)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
-        _write_if_changed(out / f"{name}.jsonl", [
-            {"messages": [*classifier_messages(instruction, messages, max_chars),
-                          {"role": "assistant", "content": label}], "label": label, "source": source}
-            for _, messages, label, source in rows])
-    _write_if_changed(out / "val_rows.jsonl", [{"id": row_id, "messages": messages, "label": label, "source": source}
-                                               for row_id, messages, label, source in splits["val"]])
+        _write_if_changed(
+            out / f"{name}.jsonl",
+            [
+                {
+                    "messages": [
+                        *classifier_messages(instruction, messages, max_chars),
+                        {"role": "assistant", "content": label},
+                    ],
+                    "label": label,
+                    "source": source,
+                }
+                for _, messages, label, source in rows
+            ],
+        )
+    _write_if_changed(
+        out / "val_rows.jsonl",
+        [
+            {"id": row_id, "messages": messages, "label": label, "source": source}
+            for row_id, messages, label, source in splits["val"]
+        ],
+    )
     counts = {name: Counter(label for _, _, label, _ in rows) for name, rows in splits.items()}
     for name, rows in splits.items():
         sources = Counter(source for *_, source in rows)
@@ -78,11 +105,20 @@ def read_rows(path: Path) -> list[tuple[str, list[dict], str]]:
         if label not in LABELS:
             raise MedloraError(f"{where}: label {label!r} is not one of {', '.join(LABELS)}.")
         messages = row["messages"] if "messages" in row else [{"role": "user", "content": row.get("prompt")}]
-        if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
-                and m["content"].strip() for m in messages)):
-            raise MedloraError(f"{where}: `messages` must be a list of user/assistant turns with text "
-                               '(or give a "prompt" string).')
+        if not (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and m.get("role") in ("user", "assistant")
+                and isinstance(m.get("content"), str)
+                and m["content"].strip()
+                for m in messages
+            )
+        ):
+            raise MedloraError(
+                f'{where}: `messages` must be a list of user/assistant turns with text (or give a "prompt" string).'
+            )
         if messages[-1]["role"] != "user":
             raise MedloraError(f"{where}: the conversation must end with a user turn: its label is about that turn.")
         rows.append((str(row.get("id", f"{path.stem}-{number}")), messages, label))
@@ -99,8 +135,14 @@ def _public(folder: Path, val_fraction: float) -> dict[str, list[tuple]]:
     for path in sorted(folder.glob("*.jsonl")):
         for number, row in read_jsonl(path):
             if row.get("label") in LABELS and isinstance(row.get("text"), str):
-                rows.append((str(row.get("id", f"{path.stem}-{number}")),
-                             [{"role": "user", "content": row["text"]}], row["label"], path.stem))
+                rows.append(
+                    (
+                        str(row.get("id", f"{path.stem}-{number}")),
+                        [{"role": "user", "content": row["text"]}],
+                        row["label"],
+                        path.stem,
+                    )
+                )
     group = _near_duplicate_groups([r[1][0]["content"] for r in rows])
     splits = {"train": [], "val": []}
     for i, row in enumerate(rows):

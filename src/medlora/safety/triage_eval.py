@@ -40,10 +40,12 @@ def measure(labels: Sequence[str], actions: Sequence[str]) -> dict[str, float]:
         rows = [action for truth, action in pairs if truth == label]
         return sum(map(ok, rows)) / len(rows) if rows else None
 
-    figures = {"emergency_recall": share("emergency", lambda a: a == "emergency"),
-               "crisis_caught": share("crisis", lambda a: a in ("crisis", "emergency")),
-               "harmful_declined": share("refuse", lambda a: a != "allow"),
-               "benign_flagged": share("allow", lambda a: a != "allow")}
+    figures = {
+        "emergency_recall": share("emergency", lambda a: a == "emergency"),
+        "crisis_caught": share("crisis", lambda a: a in ("crisis", "emergency")),
+        "harmful_declined": share("refuse", lambda a: a != "allow"),
+        "benign_flagged": share("allow", lambda a: a != "allow"),
+    }
     for label in LABELS:
         figures[f"recall_{label}"] = share(label, lambda a, label=label: a == label)
         predicted = [truth for truth, action in pairs if action == label]
@@ -54,8 +56,13 @@ def measure(labels: Sequence[str], actions: Sequence[str]) -> dict[str, float]:
     return {name: value for name, value in figures.items() if value is not None}
 
 
-def choose_thresholds(labels: Sequence[str], scores: Sequence[Mapping[str, float]], recall_targets: Mapping,
-                      max_threshold: float, benign_budget: Mapping) -> dict[str, float]:
+def choose_thresholds(
+    labels: Sequence[str],
+    scores: Sequence[Mapping[str, float]],
+    recall_targets: Mapping,
+    max_threshold: float,
+    benign_budget: Mapping,
+) -> dict[str, float]:
     """Per flagged class, recall first: the highest threshold (at most `max_threshold`) whose share of
     that class's rows scoring at or above it reaches the class's recall target; but never so low
     that more than the class's `benign_budget` share of the benign (allow) rows would reach it."""
@@ -80,16 +87,33 @@ def triage_rules() -> Triage:
     return Triage(medical_defaults()["triage"])
 
 
-def calibrate(adapter_dir: Path, cfg: DictConfig, val_rows: str, instruction: str, max_chars: int,
-              recall_targets: Mapping, max_threshold: float, benign_budget: Mapping, compute: str,
-              weights_dtype: str, batch_size: int, max_rows: int | None = None) -> dict[str, float]:
+def calibrate(
+    adapter_dir: Path,
+    cfg: DictConfig,
+    val_rows: str,
+    instruction: str,
+    max_chars: int,
+    recall_targets: Mapping,
+    max_threshold: float,
+    benign_budget: Mapping,
+    compute: str,
+    weights_dtype: str,
+    batch_size: int,
+    max_rows: int | None = None,
+) -> dict[str, float]:
     adapter_dir = Path(adapter_dir)
     _store_weights(adapter_dir / WEIGHTS, weights_dtype)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
         (adapter_dir / name).unlink(missing_ok=True)  # the base model's own tokenizer is the one trained with
-    manifest = {"instruction": instruction, "labels": list(LABELS), "max_chars": max_chars, "compute": compute,
-                "model": OmegaConf.to_container(cfg.model, resolve=True), "seed": cfg.seed,
-                "thresholds": {label: max_threshold for label in FLAGGED}}
+    manifest = {
+        "instruction": instruction,
+        "labels": list(LABELS),
+        "max_chars": max_chars,
+        "compute": compute,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": cfg.seed,
+        "thresholds": {label: max_threshold for label in FLAGGED},
+    }
     _write_manifest(adapter_dir, manifest)
 
     rows = read_rows(Path(val_rows))[:max_rows]
@@ -102,19 +126,44 @@ def calibrate(adapter_dir: Path, cfg: DictConfig, val_rows: str, instruction: st
     rules = triage_rules()
     rule_actions = [d.action for d in rules.check_many(conversations)]
     model_actions = [model.decide(s) for s in scores]
-    combined = [next(a for a in ("emergency", "crisis", "refuse", "allow") if a in pair)
-                for pair in zip(rule_actions, model_actions)]
-    figures = {"rules": measure(labels, rule_actions), "model": measure(labels, model_actions),
-               "rules_or_model": measure(labels, combined)}
-    manifest["validation"] = {"rows": len(rows), "rows_sha256": sha256_file(val_rows), "figures": figures,
-                              "recall_targets": dict(recall_targets), "max_threshold": max_threshold,
-                              "benign_budget": dict(benign_budget)}
+    combined = [
+        next(a for a in ("emergency", "crisis", "refuse", "allow") if a in pair)
+        for pair in zip(rule_actions, model_actions)
+    ]
+    figures = {
+        "rules": measure(labels, rule_actions),
+        "model": measure(labels, model_actions),
+        "rules_or_model": measure(labels, combined),
+    }
+    manifest["validation"] = {
+        "rows": len(rows),
+        "rows_sha256": sha256_file(val_rows),
+        "figures": figures,
+        "recall_targets": dict(recall_targets),
+        "max_threshold": max_threshold,
+        "benign_budget": dict(benign_budget),
+    }
     _write_manifest(adapter_dir, manifest)
     log.info("triage thresholds (validation, recall first): %s", _fmt(manifest["thresholds"]))
     for name, found in figures.items():
-        log.info("triage on %d validation conversations, %s: %s", len(rows), name,
-                 _fmt({k: found[k] for k in ("emergency_recall", "crisis_caught", "harmful_declined",
-                                             "benign_flagged", "balanced_accuracy") if k in found}))
+        log.info(
+            "triage on %d validation conversations, %s: %s",
+            len(rows),
+            name,
+            _fmt(
+                {
+                    k: found[k]
+                    for k in (
+                        "emergency_recall",
+                        "crisis_caught",
+                        "harmful_declined",
+                        "benign_flagged",
+                        "balanced_accuracy",
+                    )
+                    if k in found
+                }
+            ),
+        )
     flat = {f"val_{who}_{name}": value for who, found in figures.items() for name, value in found.items()}
     return flat | {f"threshold_{label}": value for label, value in manifest["thresholds"].items()}
 
@@ -124,8 +173,9 @@ def _store_weights(path: Path, dtype: str) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    save_file({k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}, path,
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"}
+    )
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:

@@ -39,18 +39,22 @@ class TriageModelError(MedloraError):
 # ---------------------------------------------------------------------------------------------
 # what the classifier reads: training and inference render a conversation with the same functions
 
+
 def _clip(text: str, limit: int) -> str:
     """At most `limit` characters, keeping the beginning and the end: a long message's point can be in either."""
     if len(text) <= limit:
         return text
     head = limit // 2
-    return text[:head] + " … " + text[len(text) - (limit - head - 3):]
+    return text[:head] + " … " + text[len(text) - (limit - head - 3) :]
 
 
 def transcript(messages: Sequence[Mapping], max_chars: int) -> str:
     """The latest user turn, and before it as many earlier turns as fit in `max_chars`, newest kept."""
-    turns = [(m["role"], " ".join(str(m.get("content") or "").split())) for m in messages
-             if m.get("role") in ("user", "assistant")]
+    turns = [
+        (m["role"], " ".join(str(m.get("content") or "").split()))
+        for m in messages
+        if m.get("role") in ("user", "assistant")
+    ]
     while turns and turns[-1][0] != "user":  # the label is about the conversation as of its last user turn
         turns.pop()
     if not turns:
@@ -112,17 +116,22 @@ def read_manifest(folder: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
         raise TriageModelError(f"safety.triage.model: {manifest_path} is corrupt ({err}): {REBUILD}.") from err
     if missing or list(manifest["labels"]) != list(LABELS):
-        raise TriageModelError(f"safety.triage.model: {manifest_path} is not a triage manifest (missing "
-                               f"{missing or 'the four labels'}): {REBUILD}.")
+        raise TriageModelError(
+            f"safety.triage.model: {manifest_path} is not a triage manifest (missing "
+            f"{missing or 'the four labels'}): {REBUILD}."
+        )
     expected = manifest.get("weights_sha256")
     if expected and sha256_file(folder / WEIGHTS) != expected:
-        raise TriageModelError(f"safety.triage.model: {folder / WEIGHTS} is corrupt or was changed (its SHA-256 "
-                               f"differs from the one in {MANIFEST}): {REBUILD}.")
+        raise TriageModelError(
+            f"safety.triage.model: {folder / WEIGHTS} is corrupt or was changed (its SHA-256 "
+            f"differs from the one in {MANIFEST}): {REBUILD}."
+        )
     return manifest
 
 
 # ---------------------------------------------------------------------------------------------
 # the model
+
 
 class TriageModel:
     """Scores conversations with a triage adapter merged into its base.
@@ -134,8 +143,9 @@ class TriageModel:
     its keys and values, and the LM head only for the four label tokens.
     """
 
-    def __init__(self, folder: Path, cache_dir: str, device: str = "cpu", batch_size: int = 16,
-                 compute: str | None = None):
+    def __init__(
+        self, folder: Path, cache_dir: str, device: str = "cpu", batch_size: int = 16, compute: str | None = None
+    ):
         import torch
         from omegaconf import OmegaConf
         from peft import PeftModel
@@ -158,16 +168,20 @@ class TriageModel:
             try:
                 model = PeftModel.from_pretrained(base, str(self.folder)).merge_and_unload()
             except Exception as err:  # safetensors, peft and torch each raise their own kinds for a damaged file
-                raise TriageModelError(f"safety.triage.model: {self.folder / WEIGHTS} could not be loaded "
-                                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): {REBUILD}.") from err
+                raise TriageModelError(
+                    f"safety.triage.model: {self.folder / WEIGHTS} could not be loaded "
+                    f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): {REBUILD}."
+                ) from err
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
         model.eval()
         ids = [self.tokenizer.encode(word, add_special_tokens=False)[0] for word in LABELS]
         if len(set(ids)) != len(ids):
-            raise TriageModelError(f"safety.triage.model: the labels {LABELS} share a first token in this tokenizer, "
-                                   "so one forward pass cannot tell them apart.")
+            raise TriageModelError(
+                f"safety.triage.model: the labels {LABELS} share a first token in this tokenizer, "
+                "so one forward pass cannot tell them apart."
+            )
         self.label_rows = model.get_output_embeddings().weight[ids].detach().clone()
         self.decoder = model.get_decoder()
         self.compute = "fp32"
@@ -177,12 +191,13 @@ class TriageModel:
                 # torch 2.13 marks its quantized tensor types deprecated; they still run here, and the
                 # pinned torch is what this path is tested with
                 warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)
-                torch.ao.quantization.quantize_dynamic(self.decoder, {torch.nn.Linear}, dtype=torch.qint8,
-                                                       inplace=True)
+                torch.ao.quantization.quantize_dynamic(self.decoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
             self.compute = "int8"
         rendered = self.tokenizer.apply_chat_template(
             classifier_messages(self.instruction, [{"role": "user", "content": _MARK}], self.max_chars),
-            tokenize=False, add_generation_prompt=True)
+            tokenize=False,
+            add_generation_prompt=True,
+        )
         self.head_text, self.tail_text = rendered.split(_MARK)
         self.prefix_ids = self.tokenizer(self.head_text, add_special_tokens=False)["input_ids"]
         with torch.inference_mode():
@@ -205,7 +220,7 @@ class TriageModel:
         shared.sort(key=lambda i: len(encoded[i]))  # similar lengths together: little padding
         with torch.inference_mode():
             for start in range(0, len(shared), self.batch_size):
-                chunk = shared[start: start + self.batch_size]
+                chunk = shared[start : start + self.batch_size]
                 self._score([encoded[i][p:] for i in chunk], chunk, results, with_prefix=True)
             for i in alone:
                 self._score([encoded[i]], [i], results, with_prefix=False)
@@ -223,7 +238,8 @@ class TriageModel:
         if with_prefix:
             n = len(rows)
             kwargs["past_key_values"] = DynamicCache(
-                [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.prefix])
+                [(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.prefix]
+            )
             mask = torch.cat([mask.new_ones(n, len(self.prefix_ids)), mask], dim=1)
         hidden = self.decoder(input_ids=ids, attention_mask=mask, use_cache=with_prefix, **kwargs).last_hidden_state
         last = hidden[torch.arange(len(rows)), torch.tensor([len(row) - 1 for row in rows])]
@@ -247,12 +263,19 @@ class GuardModel:
 
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(name)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32).to(device).eval()
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(
+                    name, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32
+                )
+                .to(device)
+                .eval()
+            )
         except OSError as err:
-            raise TriageModelError(f"safety.triage.model={name}: no triage adapter folder by that name, and it "
-                                   f"could not be loaded as a Hub guard model ({str(err).splitlines()[0]}). Give an "
-                                   f"adapter folder, a Hub id that is cached or reachable, or null; {REBUILD}.") from err
+            raise TriageModelError(
+                f"safety.triage.model={name}: no triage adapter folder by that name, and it "
+                f"could not be loaded as a Hub guard model ({str(err).splitlines()[0]}). Give an "
+                f"adapter folder, a Hub id that is cached or reachable, or null; {REBUILD}."
+            ) from err
         self.device, self.categories = device, {str(k).upper(): str(v) for k, v in guard["categories"].items()}
         self.default, self.max_new_tokens = str(guard["default"]), int(guard["max_new_tokens"])
         self.thresholds: dict[str, float] = {}
@@ -263,12 +286,17 @@ class GuardModel:
 
         results = []
         for messages in conversations:
-            chat = [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] in ("user", "assistant")]
-            ids = self.tokenizer.apply_chat_template(chat, return_tensors="pt", add_generation_prompt=True,
-                                                     return_dict=True).to(self.device)
+            chat = [
+                {"role": m["role"], "content": m["content"]} for m in messages if m["role"] in ("user", "assistant")
+            ]
+            ids = self.tokenizer.apply_chat_template(
+                chat, return_tensors="pt", add_generation_prompt=True, return_dict=True
+            ).to(self.device)
             with torch.inference_mode():
                 out = self.model.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
-            action = self.action_of(self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+            action = self.action_of(
+                self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
             results.append({label: float(label == action) for label in LABELS})
         return results
 
@@ -291,8 +319,9 @@ def check(spec: str | None) -> None:
         read_manifest(folder)
 
 
-def load(spec: str | None, cache_dir: str, device: str = "cpu", guard: Mapping | None = None,
-         batch_size: int = 16) -> TriageModel | GuardModel | None:
+def load(
+    spec: str | None, cache_dir: str, device: str = "cpu", guard: Mapping | None = None, batch_size: int = 16
+) -> TriageModel | GuardModel | None:
     """The model `safety.triage.model` names: a triage adapter folder, a Hub guard model, or None."""
     if not spec:
         return None
