@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from medlora.config import resolve_precision
 
 from helpers import ROOT
 
 
+@pytest.mark.slow
 def test_benchmark_writes_its_table_and_json(tmp_path):
     # rows of 512 tokens hold several conversations, so the shared system prompt shows
     done = subprocess.run(

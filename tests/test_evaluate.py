@@ -111,6 +111,7 @@ def _reference_losses(tmp) -> tuple[float, float]:
         return adapted, loss()
 
 
+@pytest.mark.slow
 def test_held_out_perplexity_matches_training_and_a_plain_reference(evaluated):
     tmp, _, run, _, metrics = evaluated
     # the same held-out file, weights, dtype and loss: the numbers training logged, to float precision
@@ -126,6 +127,7 @@ def test_held_out_perplexity_matches_training_and_a_plain_reference(evaluated):
             assert metrics[f"{name}_perplexity{suffix}"] == pytest.approx(math.exp(metrics[f"{name}_loss{suffix}"]))
 
 
+@pytest.mark.slow
 def test_report_shows_base_and_adapter_side_by_side(evaluated):
     _, _, _, result, metrics = evaluated
     header, *rows = result.stdout.splitlines()
@@ -138,6 +140,7 @@ def test_report_shows_base_and_adapter_side_by_side(evaluated):
     assert f"(n={SAMPLES};" in next(r for r in rows if r.startswith("over_refusal"))
 
 
+@pytest.mark.slow
 def test_safety_metrics_come_from_real_replies(evaluated):
     tmp, _, _, _, metrics = evaluated
     for name in ("emergency_detection", "crisis_detection", "harmful_compliance", "over_refusal"):
@@ -155,6 +158,7 @@ def test_safety_metrics_come_from_real_replies(evaluated):
         assert metrics[name] == pytest.approx(metrics[f"{name}_by_triage"] + metrics[f"{name}_by_adapter"])
 
 
+@pytest.mark.slow
 def test_triage_is_measured_on_the_held_out_split(evaluated):
     """The rules' figures are those of the rules run directly on the same held-out rows."""
     _, _, _, result, metrics = evaluated
@@ -189,6 +193,7 @@ def test_triage_is_measured_on_the_held_out_split(evaluated):
     assert f"triage on the held-out split (n={TRIAGED})" in result.stdout
 
 
+@pytest.mark.slow
 def test_eval_run_is_nested_under_the_training_run(evaluated):
     _, client, run, _, metrics = evaluated
     (child,) = client.search_runs([run.info.experiment_id], filter_string="tags.`medlora.role` = 'evaluation'")
@@ -248,6 +253,7 @@ def test_safety_metric_definitions():
     }
 
 
+@pytest.mark.slow
 def test_a_missing_safety_set_is_one_clear_message(evaluated, tmp_path):
     tmp, _, run, _, _ = evaluated
     from medlora.evaluate import run as evaluate

@@ -63,6 +63,7 @@ def reference_reply(adapter: dict, prompt: str) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_one_prompt_from_an_mlflow_run_answers_like_plain_transformers(adapter, tmp_path):
     """runs:/<id> brings back the run's model (tiny_random) and safety settings; the reply is exactly what
     plain transformers generates from the same context, plus the configured disclaimer."""

@@ -13,6 +13,7 @@ from helpers import TINY, mlflow_client, train
 bnb = pytest.importorskip("bitsandbytes")
 
 
+@pytest.mark.slow
 def test_4bit_lora_trains_a_few_steps(tmp_path):
     result = train(
         tmp_path,
@@ -98,6 +99,7 @@ def test_phi4_mini_random_is_phi4_mini_sized():
     assert sum(p.numel() for p in model.parameters()) == 3_836_021_760
 
 
+@pytest.mark.slow
 def test_phi4_mini_architecture_trains_in_4bit_with_its_vocabulary(tmp_path):
     result = train(
         tmp_path,

@@ -151,6 +151,7 @@ def test_medical_vocabulary_survives(redactor, text):
     assert redactor.redact(text) == (text, Counter())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (MEDQUAD / "eval.jsonl").exists(), reason="MedQuAD is not in ../shared/data/medquad")
 def test_medquad_answers_rarely_altered(redactor):
     # MedQuAD answers are public NIH texts. By the letter of Safe Harbor the few URLs and organisation phone

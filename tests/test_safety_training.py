@@ -84,6 +84,7 @@ def _everything_written(tmp, result, client, run) -> str:
     return "\n".join(texts)
 
 
+@pytest.mark.slow
 def test_counts_reach_mlflow(safe_run):
     _, _, _, run = safe_run
     m = run.data.metrics
@@ -93,6 +94,7 @@ def test_counts_reach_mlflow(safe_run):
     assert m["train_content_removed"] == 1 and m["train_conversations"] == len(ROWS) - 1
 
 
+@pytest.mark.slow
 def test_audit_trail_verifies_against_the_recorded_head(safe_run):
     tmp, _, client, run = safe_run
     trail = tmp / "run" / "audit.jsonl"
@@ -118,6 +120,7 @@ def test_audit_trail_verifies_against_the_recorded_head(safe_run):
     assert "audit.jsonl" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow
 def test_no_raw_identifier_is_logged_or_cached_anywhere(safe_run, tmp_path):
     written = _everything_written(*safe_run)
     assert "150/95" in written  # a clinical value is kept: the decoded data really is the training text

@@ -8,6 +8,7 @@ import shutil
 
 import nbformat
 import optuna
+import pytest
 from nbclient import NotebookClient
 from optuna.trial import TrialState
 
@@ -42,6 +43,7 @@ def _assert_best_is_lowest(parent, children):
     return lowest
 
 
+@pytest.mark.slow
 def test_two_job_sweep_nests_under_one_parent(tmp_path):
     result = train(tmp_path, *SWEEP_JOB, "lora.rank=4,8", multirun=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -62,6 +64,7 @@ def test_two_job_sweep_nests_under_one_parent(tmp_path):
     assert _artifacts(tmp_path, parent.info.run_id, "plots") == PLOTS
 
 
+@pytest.mark.slow
 def test_failed_job_is_marked_and_the_sweep_goes_on(tmp_path):
     result = train(tmp_path, *SWEEP_JOB, "lora.rank=0,4", multirun=True)
     assert result.returncode != 0  # Hydra reports the failed job once the sweep is done
@@ -76,6 +79,7 @@ def test_failed_job_is_marked_and_the_sweep_goes_on(tmp_path):
     assert _artifacts(tmp_path, parent.info.run_id, "plots") == PLOTS
 
 
+@pytest.mark.slow
 def test_optuna_search_records_every_trial_under_one_parent(optuna_sweep):
     (parent,), children = _runs(optuna_sweep)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
@@ -102,6 +106,7 @@ def test_optuna_search_records_every_trial_under_one_parent(optuna_sweep):
     assert _artifacts(optuna_sweep, parent.info.run_id, "plots") == PLOTS
 
 
+@pytest.mark.slow
 def test_optuna_search_resumes_its_study(optuna_sweep, tmp_path):
     shutil.copy(optuna_sweep / "optuna.db", tmp_path / "optuna.db")
     result = optuna_search(tmp_path, n_trials=2)
@@ -111,6 +116,7 @@ def test_optuna_search_resumes_its_study(optuna_sweep, tmp_path):
     assert sorted(c.data.tags["optuna.trial_number"] for c in children) == ["3", "4"]
 
 
+@pytest.mark.slow
 def test_failed_trial_is_fail_in_the_study_and_the_search_goes_on(tmp_path):
     # a random sampler with this seed draws rank 4, 0, 4: the middle trial fails validation
     result = optuna_search(
@@ -196,6 +202,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_sweep_analysis_runs_top_to_bottom(optuna_sweep):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # as papermill does: a cell after the one tagged "parameters" sets this run's values

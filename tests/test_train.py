@@ -107,12 +107,12 @@ def test_mlflow_has_params_tags_metrics_and_artifacts(tiny_run):
 def _eval_loss(adapter_dir, eval_file) -> float:
     """Load base + adapter the plain peft way and score the eval set with the training code's metric."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from omegaconf import OmegaConf
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medlora import data
+    from medlora.fast import compat
     from medlora.loss import mean_loss
 
     base = AutoModelForCausalLM.from_pretrained(
@@ -123,7 +123,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     prompt = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").system_prompt
     examples, _ = data.tokenize_dataset(data.load_conversations(eval_file), tokenizer, prompt, 256, "truncate")
     loader = data.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
-    AcceleratorState._reset_state(reset_partial_state=True)  # other tests may have set bf16 in this process
+    compat.reset_accelerator_state()  # other tests may have set bf16 in this process
     return mean_loss(model, loader, Accelerator(cpu=True, mixed_precision="no"))["eval_loss"]
 
 
@@ -133,6 +133,7 @@ def test_saved_adapter_reloads_with_the_same_outputs(tiny_run):
     assert reloaded == pytest.approx(run.data.metrics["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_run, tmp_path):
     tmp, overrides, _, _, run = tiny_run
     checkpoint = tmp / "run" / "checkpoints" / "step_8"
@@ -145,6 +146,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_run, tmp_path)
     assert again.data.metrics["eval_loss"] == pytest.approx(run.data.metrics["eval_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_mlflow_ui_serves_the_same_store(tiny_run):
     """What `make ui` starts: the MLflow server over the run's SQLite store, on loopback only."""
     tmp, _, _, _, run = tiny_run
