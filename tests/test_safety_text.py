@@ -31,6 +31,16 @@ def test_cut_at_the_space_drops_it_and_ignores_semicolons_and_unspaced_marks():
     assert sentences(TEXT, cut="space") == ["Dr.", "Lee said take 2.5 mg; then rest!", "Call us?OK"]
 
 
+def test_titled_cut_keeps_titles_and_initials_with_their_names_and_trims_each_sentence():
+    note = "  Seen by Dr. Lee and J. Smith today. BP 150/95. pt ok.\nPlan: f/u in 2 wk!  "
+    assert sentences(note, cut="titled") == [
+        "Seen by Dr. Lee and J. Smith today.",
+        "BP 150/95. pt ok.",
+        "Plan: f/u in 2 wk!",
+    ]
+    assert sentence_spans(note, cut="titled")[0] == (2, 37)
+
+
 def test_normalise():
     assert normalise("  He\u2019s  FINE\t&\u2014 \u201cok\u201d \n Next ") == 'he\'s fine and - "ok"\nnext'
 

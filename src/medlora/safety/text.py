@@ -35,14 +35,32 @@ _SENTENCE_END = {
 }
 
 
+# "titled": a sentence runs to . ! or ? where whitespace and a capital, digit, bracket or quote follow,
+# unless the mark ends a title or an initial ("Dr. Lee", "J. Smith"), or to a line break; for clinical
+# notes, where names follow titles
+_TITLED = re.compile(
+    r"[^\n]*?(?:(?<!\bDr)(?<!\bMr)(?<!\bMrs)(?<!\bMs)(?<!\bSt)(?<!\bJr)(?<!\bSr)(?<!\bvs)(?<!\b[A-Z])"
+    r"[.!?](?=\s+[A-Z\d(\"'])|(?=\n)|$)"
+)
+
+
 def sentence_spans(
-    text: str, *, cut: Literal["mark", "space"] = "mark", keep_blank: bool = False
+    text: str, *, cut: Literal["mark", "space", "titled"] = "mark", keep_blank: bool = False
 ) -> list[tuple[int, int]]:
-    """(start, end) of each sentence of `text`. Abbreviations are not special: "Dr. Lee" is two sentences.
+    """(start, end) of each sentence of `text`. Under "mark" and "space" abbreviations are not special
+    ("Dr. Lee" is two sentences); "titled" keeps a title or an initial with the name after it and gives
+    each sentence without the whitespace around it (keep_blank does not apply).
 
     keep_blank keeps the pieces that are only whitespace (a blank line); with cut="mark" the spans then tile
     `text`, so joining the spans one keeps gives back the rest of the text with its spacing.
     """
+    if cut == "titled":
+        trimmed = []
+        for m in _TITLED.finditer(text):
+            piece = m.group()
+            if piece.strip():
+                trimmed.append((m.start() + len(piece) - len(piece.lstrip()), m.start() + len(piece.rstrip())))
+        return trimmed
     spans, start = [], 0
     for m in _SENTENCE_END[cut].finditer(text):
         spans.append((start, m.start("gap")))
@@ -51,7 +69,7 @@ def sentence_spans(
     return [(a, b) for a, b in spans if b > a and (keep_blank or text[a:b].strip())]
 
 
-def sentences(text: str, *, cut: Literal["mark", "space"] = "mark", keep_blank: bool = False) -> list[str]:
+def sentences(text: str, *, cut: Literal["mark", "space", "titled"] = "mark", keep_blank: bool = False) -> list[str]:
     """The sentences of `text` as strings: see `sentence_spans`."""
     return [text[a:b] for a, b in sentence_spans(text, cut=cut, keep_blank=keep_blank)]
 
