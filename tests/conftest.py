@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, compose, optuna_search
+from helpers import ROOT, compose, forget_download, optuna_search, tiny_adapter
 
 os.environ.setdefault("MEDLORA_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # CI has no Hub access: fail fast instead of retrying
@@ -25,6 +25,14 @@ def optuna_sweep(tmp_path_factory) -> Path:
     result = optuna_search(tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A tiny adapter saved and logged as train.py does (helpers.tiny_adapter), one per test module."""
+    made = tiny_adapter(tmp_path_factory.mktemp("adapter"))
+    yield made
+    forget_download(made["run_id"])
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from medlora.cli import RunInfo
 from medlora.config import MedloraError
 from medlora.infer.assistant import Reply
 
-from helpers import ROOT, TINY, compose, conversation, forget_download, mlflow_client, train, write_jsonl
+from helpers import EXACT, ROOT, TINY, compose, conversation, forget_download, mlflow_client, train, write_jsonl
 
 QA = [
     ("What is hypertension?", "Blood pressure that stays at or above 130/80 mm Hg."),
@@ -28,18 +28,7 @@ QA = [
 TRAIN, HELD_OUT = QA[:4], QA[4:]
 SAMPLES, GENERATIONS, TRIAGED = 2, 2, 40
 # fp32 and no dropout: the evaluation's adapter loss must equal the training run's final eval loss
-OVERFIT = [
-    *TINY,
-    "data=jsonl",
-    "training.max_steps=6",
-    "training.batch_size=3",
-    "training.gradient_accumulation_steps=1",
-    "training.learning_rate=1e-2",
-    "training.lr_scheduler=constant",
-    "training.warmup_ratio=0",
-    "lora.dropout=0",
-    "precision=fp32",
-]
+OVERFIT = [*TINY, *EXACT, "data=jsonl", "training.max_steps=6", "training.batch_size=3", "training.learning_rate=1e-2"]
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from omegaconf import OmegaConf
 from medlora.cli import RunInfo
 from medlora.config import MedloraError
 
-from helpers import TINY, compose, forget_download, infer, tiny_adapter, train
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    made = tiny_adapter(tmp_path_factory.mktemp("adapter"))
-    yield made
-    forget_download(made["run_id"])
+from helpers import TINY, compose, infer, train
 
 
 @pytest.fixture(scope="module")

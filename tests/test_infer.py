@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from medlora.cli import RunInfo
 from medlora.config import MedloraError
 
-from helpers import ROOT, compose, forget_download, infer, tiny_adapter, write_jsonl
+from helpers import ROOT, compose, infer, write_jsonl
 
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token
@@ -24,13 +24,6 @@ EMERGENCY_NUMBER = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").tri
 
 def audit_entries(tmp: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp / "session" / "audit.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def adapter(tmp_path_factory):
-    made = tiny_adapter(tmp_path_factory.mktemp("adapter"))
-    yield made
-    forget_download(made["run_id"])
 
 
 @pytest.fixture(scope="module")

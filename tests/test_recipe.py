@@ -11,21 +11,17 @@ from medlora.cli import RunInfo
 from medlora.config import MedloraError
 from medlora.train import LoraRecipe
 
-from helpers import TINY
+from helpers import EXACT, TINY
 
 LR = 0.5
-# fp32, no dropout, no clipping, a constant rate: one SGD step is exactly theta - LR * gradient
-EXACT = [
+# exact maths (helpers.EXACT) and no clipping: one SGD step is exactly theta - LR * gradient
+SGD_STEP = [
     *TINY,
+    *EXACT,
     "tracking=none",
-    "precision=fp32",
-    "lora.dropout=0",
     "training.max_grad_norm=0",
-    "training.lr_scheduler=constant",
-    "training.warmup_ratio=0",
     "training.max_steps=1",
     "training.batch_size=2",
-    "training.gradient_accumulation_steps=1",
     "training.packing=false",
     "data.max_train_samples=4",
     "data.max_eval_samples=2",
@@ -36,10 +32,10 @@ EXACT = [
 
 @pytest.fixture
 def recipe(cfg_train, tmp_path):
-    """A set-up recipe on EXACT plus the test's overrides."""
+    """A set-up recipe on SGD_STEP plus the test's overrides."""
 
     def make(*overrides: str) -> LoraRecipe:
-        made = LoraRecipe(cfg_train(*EXACT, *overrides), RunInfo(output_dir=tmp_path))
+        made = LoraRecipe(cfg_train(*SGD_STEP, *overrides), RunInfo(output_dir=tmp_path))
         made.setup()
         return made
 

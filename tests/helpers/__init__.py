@@ -13,6 +13,15 @@ MEDQUAD = ROOT.parent / "shared" / "data" / "medquad"
 AUTO_ALLOCATOR = "mimalloc" if sys.platform.startswith("linux") else "system"
 TINY = ["model=tiny_random", "training.max_seq_len=256"]
 # each job of a sweep test: two steps on four examples
+# fp32, no dropout, one micro-batch per optimizer step and a constant rate: runs whose figures can be
+# compared to the last digit (a reload, a resume, an evaluation of the same adapter)
+EXACT = [
+    "precision=fp32",
+    "lora.dropout=0",
+    "training.gradient_accumulation_steps=1",
+    "training.lr_scheduler=constant",
+    "training.warmup_ratio=0",
+]
 SWEEP_JOB = [
     *TINY,
     "training.max_steps=2",
