@@ -55,11 +55,11 @@ def require_positive(value, key: str, fix: str, allow_zero: bool = False) -> Non
 def validate(cfg: DictConfig, libraries: bool = True) -> None:
     """Raise MedloraError naming the first bad value; touches no model and no data.
 
-    `libraries=False` leaves out the check that imports transformers (the scheduler's name, about
-    ten seconds on 2 cores with the torch and peft it pulls in), for a check before they load.
+    `libraries=False` leaves out the checks that import libraries (the scheduler's name needs
+    transformers, which pulls in torch and peft: seconds on a small CPU), for a check before they load.
     """
     require(cfg.precision in PRECISIONS, f"precision={cfg.precision!r} is invalid: use one of {', '.join(PRECISIONS)}.")
-    validate_model(cfg.model)
+    validate_model(cfg.model, libraries)
     _validate_lora(cfg.lora)
     _validate_training(cfg.training)
     _validate_data(cfg.data)
@@ -106,7 +106,7 @@ def _check_target(block, key: str, libraries: bool) -> None:
             ) from err
 
 
-def validate_model(m: DictConfig) -> None:
+def validate_model(m: DictConfig, libraries: bool = True) -> None:
     require(
         m.quantization in QUANTIZATIONS,
         f"model.quantization={m.quantization!r} is invalid: use one of {', '.join(QUANTIZATIONS)}.",
@@ -119,7 +119,7 @@ def validate_model(m: DictConfig) -> None:
         )
         block = QUANTIZATION_BLOCKS[m.quantization]
         if m.get("quantization_config") is not None:  # absent where a model config is read on its own
-            _check_target(m.quantization_config.get(block), f"model.quantization_config.{block}", libraries=False)
+            _check_target(m.quantization_config.get(block), f"model.quantization_config.{block}", libraries)
     require(bool(m.base_model), "model.base_model is empty: give a Hugging Face id, a folder or a .gguf file.")
     keep = m.get("keep_layers")
     require(

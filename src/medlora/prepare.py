@@ -1,6 +1,6 @@
 """Training data as the model sees it: cleaned (PHI redaction, content filter), tokenized, cached.
 
-PHI redaction and tokenization take about a minute on the 14k MedQuAD conversations; every job
+PHI redaction and tokenization are slow on a large data set (NER over every conversation); every job
 of a sweep over LoRA or optimizer settings would otherwise repeat it, so the result is cached
 under paths.cache_dir/data, keyed by everything that shapes it.
 """

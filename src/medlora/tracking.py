@@ -119,12 +119,7 @@ class Tracker:
         tracking = self.cfg.tracking
         self.client = _client(tracking)
         exp_id = experiment_id(tracking)
-        all_tags = {
-            "git_commit": git_commit(self.cfg.paths.root_dir),
-            "host": socket.gethostname(),
-            "model": str(self.cfg.model.base_model),
-            "hydra_overrides": " ".join(overrides)[:8000],
-        }
+        all_tags = {"hydra_overrides": " ".join(overrides)[:8000]}
         if sweep_dir:
             parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
                 self.client, exp_id, sweep_dir, overrides
@@ -148,16 +143,7 @@ class Tracker:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         else:
             exp_id = experiment_id(self.cfg.tracking)
-        self._create(
-            exp_id,
-            name,
-            {
-                "git_commit": git_commit(self.cfg.paths.root_dir),
-                "host": socket.gethostname(),
-                "model": str(self.cfg.model.base_model),
-                **tags,
-            },
-        )
+        self._create(exp_id, name, tags)
 
     def attach(self, run_id: str) -> None:
         """Write into an existing run (an export logs its model beside the adapter's training metrics)."""
@@ -168,7 +154,13 @@ class Tracker:
         self.url = ui_url(self.cfg.tracking, self.client.get_run(run_id).info.experiment_id, run_id)
 
     def _create(self, exp_id: str, name: str, tags: dict[str, str]) -> None:
-        self.run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        """A new run with the tags every run of this project carries (code, machine, model) and `tags`."""
+        every = {
+            "git_commit": git_commit(self.cfg.paths.root_dir),
+            "host": socket.gethostname(),
+            "model": str(self.cfg.model.base_model),
+        }
+        self.run_id = self.client.create_run(exp_id, run_name=name, tags={**every, **tags}).info.run_id
         self.url = ui_url(self.cfg.tracking, exp_id, self.run_id)
 
     def log_params(self, params: dict) -> None:
@@ -211,7 +203,8 @@ class Tracker:
             mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
 
     def log_model(self, model, tokenizer, **kwargs) -> str | None:
-        """The model with MLflow's transformers flavor into this run; returns its model URI."""
+        """The model with MLflow's transformers flavor into this run, which it then ends (FINISHED);
+        returns its model URI."""
         if not self.enabled:
             return None
         import mlflow

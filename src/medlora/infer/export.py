@@ -121,7 +121,6 @@ def log_model(cfg: DictConfig, model, tokenizer, base_path: str, source: Source)
         metadata={"base_model": str(cfg.model.base_model), "base_model_path": str(base_path)},
         pip_requirements=_requirements(),
     )
-    tracker.finish()
     registered = cfg.export.registered_model_name
     log.info(
         "adapter logged to MLflow as %s%s (base model %s)",
