@@ -208,13 +208,13 @@ def _parse() -> argparse.Namespace:
 
 def _prepare_data(args, work: Path, model_file: Path) -> dict:
     """The conversations, cleaned by medlora's safety step once, so every setting trains on the same text."""
-    from omegaconf import OmegaConf
 
+    from medlora.config import option
     from medlora.data import load_conversations, tokenize_dataset, with_system_prompt
     from medlora.model import load_tokenizer, resolve_checkpoint
     from medlora.safety.clean import clean_conversations
 
-    safety = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml")
+    safety = option("safety", "medical")
     files = {}
     for name, path, n in (("train", args.data, args.samples), ("eval", args.eval_data, args.eval_samples)):
         conversations, _ = clean_conversations(load_conversations(path, n), safety)

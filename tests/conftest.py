@@ -55,10 +55,10 @@ def cfg_train(tmp_path):
 @pytest.fixture(scope="session")
 def tokenizer():
     """The SmolLM2 tokenizer, from the dequantized embedded model (made once, cached)."""
-    from omegaconf import OmegaConf
 
+    from medlora.config import option
     from medlora.model import load_tokenizer, resolve_checkpoint
 
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    model_cfg = option("model", "tiny_random")
     _, tokenizer_path = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), seed=42)
     return load_tokenizer(tokenizer_path)

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from medlora.cli import RunInfo
-from medlora.config import MedloraError
+from medlora.config import MedloraError, option
 from medlora.infer.assistant import Reply
 
 from helpers import EXACT, ROOT, TINY, compose, conversation, forget_download, mlflow_client, train, write_jsonl
@@ -156,7 +156,7 @@ def test_triage_is_measured_on_the_held_out_split(evaluated):
     from medlora.safety.triage_eval import measure
 
     rows = [row for _, row in _sample(_held_out(ROOT / "data" / "safety_triage" / "test"), TRIAGED, 42)]
-    rules = Triage(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").triage)
+    rules = Triage(option("safety", "medical").triage)
     expected = measure([r["label"] for r in rows], [d.action for d in rules.check_many([r["messages"] for r in rows])])
     rules_only = {
         k[len("triage_rules_") :]: v
@@ -202,7 +202,7 @@ def _reply(action: str, text: str = "", model_called: bool = True) -> Reply:
 
 
 def test_safety_metric_definitions():
-    safety = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml")
+    safety = option("safety", "medical")
     from medlora.evaluate import safety_metrics
 
     replies = {

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from medlora.cli import RunInfo
-from medlora.config import MedloraError
+from medlora.config import MedloraError, option
 
-from helpers import ROOT, compose, infer, write_jsonl
+from helpers import compose, infer, write_jsonl
 
 TOKENS = 12  # new tokens per reply: the random model never stops on its own
 FAST = [f"inference.max_new_tokens={TOKENS}", "precision=fp32"]  # fp32: replies comparable to the last token
 EMERGENCY = "my dad is having crushing chest pain right now and he is sweating"
-EMERGENCY_NUMBER = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").triage.emergency_number
+EMERGENCY_NUMBER = option("safety", "medical").triage.emergency_number
 
 
 def audit_entries(tmp: Path) -> list[dict]:
@@ -45,7 +44,7 @@ def reference_reply(adapter: dict, prompt: str) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    safety = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml")
+    safety = option("safety", "medical")
     tokenizer = AutoTokenizer.from_pretrained(adapter["dir"])
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(adapter["base_path"], dtype=torch.float32), adapter["dir"]
@@ -65,7 +64,7 @@ def test_one_prompt_from_an_mlflow_run_answers_like_plain_transformers(adapter, 
         tmp_path, f"adapter=runs:/{adapter['run_id']}", f"tracking.uri={adapter['uri']}", f"prompt={prompt}", *FAST
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    disclaimer = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").output_checks.disclaimer
+    disclaimer = option("safety", "medical").output_checks.disclaimer
     assert result.stdout == f"{reference_reply(adapter, prompt)}\n\n{disclaimer}\n"
     assert "time to first token" in result.stderr and "tokens/s" in result.stderr
     assert f"MLflow run {adapter['run_id']}" in result.stderr and "tiny_random_llama" in result.stderr
@@ -105,7 +104,7 @@ def test_streaming_never_shows_a_sentence_the_output_checks_remove():
     """The stream holds back to the last sentence that passed; the rest comes from the checked reply."""
     from medlora.infer.assistant import SafetyLayer, _ReleaseGate
 
-    safety = SafetyLayer(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml"))
+    safety = SafetyLayer(option("safety", "medical"))
     shown = []
     gate = _ReleaseGate(lambda text: safety.check_output(text).action == "pass", shown.append)
     raw = "Rest and drink fluids. You definitely have pneumonia. See a clinician if it gets worse."

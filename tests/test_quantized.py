@@ -87,11 +87,12 @@ PHI4_SMALL = [
 
 
 def test_phi4_mini_random_is_phi4_mini_sized():
-    from conftest import ROOT
     from omegaconf import OmegaConf
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "phi4_mini_random.yaml").random_init)
+    from medlora.config import option
+
+    arch = OmegaConf.to_container(option("model", "phi4_mini_random").random_init)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**arch))
     assert type(model).__name__ == "Phi3ForCausalLM"

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import EXACT, ROOT, TINY, conversation, mlflow_client, train, write_jsonl
+from helpers import EXACT, TINY, conversation, mlflow_client, train, write_jsonl
 
 STEPS = 16
 QA = [
@@ -103,11 +103,11 @@ def test_mlflow_has_params_tags_metrics_and_artifacts(tiny_run):
 def _eval_loss(adapter_dir, eval_file) -> float:
     """Load base + adapter the plain peft way and score the eval set with the training code's metric."""
     from accelerate import Accelerator
-    from omegaconf import OmegaConf
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medlora import data
+    from medlora.config import option
     from medlora.fast import compat
     from medlora.loss import mean_loss
 
@@ -116,7 +116,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     )
     model = PeftModel.from_pretrained(base, adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    prompt = OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml").system_prompt
+    prompt = option("safety", "medical").system_prompt
     examples, _ = data.tokenize_dataset(data.load_conversations(eval_file), tokenizer, prompt, 256, "truncate")
     loader = data.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
     compat.reset_accelerator_state()  # other tests may have set bf16 in this process

@@ -7,6 +7,8 @@ import random
 
 from omegaconf import OmegaConf
 
+from medlora.config import option
+
 from helpers import ROOT
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": "all-linear", "use_dora": False, "use_rslora": False, "bias": "none"}
@@ -14,10 +16,11 @@ LORA = {"rank": 4, "alpha": 8, "target_modules": "all-linear", "use_dora": False
 
 def tiny(packed: bool, attn: str = "sdpa"):
     """tiny_random in fp32, eval mode, with the attention a run picks for packed (or padded) batches."""
+    from medlora.config import option
     from medlora.fast import attention
     from medlora.model import load_model, resolve_checkpoint
 
-    model_cfg = OmegaConf.load(ROOT / "conf" / "model" / "tiny_random.yaml")
+    model_cfg = option("model", "tiny_random")
     model_cfg.attn_implementation = attn
     path, _ = resolve_checkpoint(model_cfg, str(ROOT / ".cache"), seed=42)
     return load_model(path, model_cfg, "fp32", "cpu", attn_implementation=attention.implementation(attn, packed)).eval()
@@ -25,7 +28,7 @@ def tiny(packed: bool, attn: str = "sdpa"):
 
 def training(**changes):
     """conf/training/default.yaml with `changes`: what fast.apply reads."""
-    return OmegaConf.merge(OmegaConf.load(ROOT / "conf" / "training" / "default.yaml"), changes)
+    return OmegaConf.merge(option("training", "default"), changes)
 
 
 def adapted(

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from medlora.config import option
+
 ROOT = Path(os.environ.get("MEDLORA_ROOT") or Path(__file__).resolve().parents[3])
 
 
 @functools.lru_cache(maxsize=1)
 def medical_defaults() -> dict:
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "safety" / "medical.yaml"), resolve=True)
+    return OmegaConf.to_container(option("safety", "medical"), resolve=True)
