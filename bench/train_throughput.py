@@ -383,8 +383,9 @@ def _worker(args) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from medlora.batching import make_loader
     from medlora.config import resolve_device, resolve_precision
-    from medlora.data import IGNORE, load_conversations, make_loader, tokenize_dataset
+    from medlora.data import IGNORE, load_conversations, tokenize_dataset
     from medlora.loss import mean_loss as evaluate
     from medlora.model import load_tokenizer, quantization_config, resolve_checkpoint
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medlora import data
+from medlora import batching, data
 from medlora.config import MedloraError
 
 from helpers import conversation, write_jsonl
@@ -105,7 +105,7 @@ def test_overlong_truncate_and_drop(tokenizer):
 
 def test_length_grouped_batches_cover_every_example_once_per_epoch():
     lengths = [(i * 37) % 101 for i in range(230)]
-    sampler = data.LengthGroupedBatches(lengths, batch_size=4, seed=0)
+    sampler = batching.LengthGroupedBatches(lengths, batch_size=4, seed=0)
     first, second = list(sampler), list(sampler)
     for epoch in (first, second):
         assert sorted(i for batch in epoch for i in batch) == list(range(230))
@@ -117,7 +117,7 @@ def test_length_grouped_batches_cover_every_example_once_per_epoch():
 
 
 def test_collate_pads_right_and_masks_padding():
-    batch = data.collate([data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8], [8])], pad_id=0)
+    batch = batching.collate([data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8], [8])], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]

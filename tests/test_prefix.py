@@ -1,4 +1,4 @@
-"""The shared prefix: laid once per packed row (medlora.data.collate_packed, read by sdpa_varlen) or run
+"""The shared prefix: laid once per packed row (medlora.batching.collate_packed, read by sdpa_varlen) or run
 once per optimizer step (medlora.fast.prefix), with the same logits, loss and gradients as unshared."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medlora import batching
 from medlora import data as medata
 from medlora.fast.prefix import common_prefix, run_prefix
 from medlora.loss import loss_sum
@@ -22,23 +23,23 @@ def test_a_shared_prefix_is_laid_once_per_row():
     a = medata.Example([1, 2, 3, 4, 5, 6], [-100, -100, -100, -100, 5, 6])
     b = medata.Example([1, 2, 3, 7, 8], [-100, -100, -100, -100, 8])
     c = medata.Example([1, 2, 9, 9], [-100, -100, -100, 9])
-    batch = medata.collate_packed([a, b], share_prefix=True)
+    batch = batching.collate_packed([a, b], share_prefix=True)
     assert batch["shared_prefix"] == 3
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 3, 4]]
     assert batch["labels"].tolist() == [[-100, -100, -100, -100, 5, 6, -100, 8]]
     assert batch["cu_seq_lens_q"].tolist() == [0, 6, 8]
-    assert (medata.real_tokens(batch), medata.shared_tokens(batch), medata.supervised_tokens(batch)) == (11, 3, 3)
+    assert (batching.real_tokens(batch), batching.shared_tokens(batch), batching.supervised_tokens(batch)) == (11, 3, 3)
     # the prefix ends before the first label of every conversation, and one token before it, so
     # each later conversation keeps an unlabelled first token: c has a label at position 3
-    assert medata.shared_prefix([a, b, c]) == 2
-    assert medata.shared_prefix([a, medata.Example([1, 2, 3, 4, 5], [-100, 2, -100, -100, 5])]) == 0
-    assert medata.shared_prefix([a, medata.Example([5, 2, 3, 4], [-100, -100, -100, 4])]) == 0
+    assert batching.shared_prefix([a, b, c]) == 2
+    assert batching.shared_prefix([a, medata.Example([1, 2, 3, 4, 5], [-100, 2, -100, -100, 5])]) == 0
+    assert batching.shared_prefix([a, medata.Example([5, 2, 3, 4], [-100, -100, -100, 4])]) == 0
     # off, a single conversation, or nothing in common: the plain packed row, no shared_prefix key
     for examples, share in (([a, b], False), ([a], True), ([a, medata.Example([5, 5], [-100, 5])], True)):
-        assert medata.collate_packed(examples, share_prefix=share).keys() == medata.collate_packed([a, b]).keys()
-        assert "shared_prefix" not in medata.collate_packed(examples, share_prefix=share)
-    assert medata.shared_tokens(medata.collate([a, b], pad_id=0)) == 0
+        assert batching.collate_packed(examples, share_prefix=share).keys() == batching.collate_packed([a, b]).keys()
+        assert "shared_prefix" not in batching.collate_packed(examples, share_prefix=share)
+    assert batching.shared_tokens(batching.collate([a, b], pad_id=0)) == 0
 
 
 @pytest.mark.parametrize("path", ["cpu-function", "sdpa"])
@@ -49,7 +50,7 @@ def test_a_shared_prefix_gives_each_conversation_its_logits_alone(path, monkeypa
         monkeypatch.setattr("medlora.fast.attention._plain_causal", lambda kwargs: False)
     model = tiny(packed=True)
     examples = _with_prefix(random_examples(4, seed=5), [7, 3, 9, 11, 500, 12, 13, 14, 15])
-    batch = medata.collate_packed(examples, share_prefix=True)
+    batch = batching.collate_packed(examples, share_prefix=True)
     assert batch["shared_prefix"] == 9
     with torch.no_grad():
         row = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
@@ -66,12 +67,12 @@ def test_a_window_leaves_out_the_prefix_its_conversations_share():
     a = medata.Example([1, 2, 3, 4, 5, 6], [-100, -100, -100, -100, 5, 6])
     b = medata.Example([1, 2, 3, 7, 8], [-100, -100, -100, -100, 8])
     c = medata.Example([1, 2, 3, 9, 9, 9], [-100, -100, -100, -100, -100, 9])
-    rows = [medata.collate_packed([a, b], share_prefix=True), medata.collate_packed([c], share_prefix=True)]
+    rows = [batching.collate_packed([a, b], share_prefix=True), batching.collate_packed([c], share_prefix=True)]
     # a row of one conversation gives up to one token before its first label (c: 4), a packed row
     # what its conversations share (3)
     assert common_prefix(rows) == 3 and common_prefix(rows[1:]) == 4
-    assert common_prefix([rows[0], medata.collate_packed([medata.Example([1, 5, 3, 4], [-100] * 3 + [4])])]) == 1
-    assert common_prefix([medata.collate([a, b], pad_id=0)]) == 0  # padded batches keep their rows
+    assert common_prefix([rows[0], batching.collate_packed([medata.Example([1, 5, 3, 4], [-100] * 3 + [4])])]) == 1
+    assert common_prefix([batching.collate([a, b], pad_id=0)]) == 0  # padded batches keep their rows
 
     model = tiny(packed=True)
     with torch.no_grad():
@@ -84,8 +85,8 @@ def test_a_window_leaves_out_the_prefix_its_conversations_share():
     assert first["cu_seq_lens_q"].tolist() == [0, 3, 5] and first["max_length_q"] == 3
     assert "shared_prefix" not in first and second["input_ids"].tolist() == [[9, 9, 9]]
     # the same supervised tokens; real tokens count the prefix in every conversation, computed or not
-    assert [medata.supervised_tokens(r) for r in stripped] == [medata.supervised_tokens(r) for r in rows] == [3, 1]
-    assert [medata.real_tokens(r) for r in stripped] == [11, 6] and [medata.shared_tokens(r) for r in stripped] == [
+    assert [batching.supervised_tokens(r) for r in stripped] == [batching.supervised_tokens(r) for r in rows] == [3, 1]
+    assert [batching.real_tokens(r) for r in stripped] == [11, 6] and [batching.shared_tokens(r) for r in stripped] == [
         6,
         3,
     ]
@@ -96,7 +97,7 @@ def test_a_window_leaves_out_the_prefix_its_conversations_share():
 def _window(examples: list[medata.Example], share: bool) -> list[dict]:
     """Three rows: two conversations, one, and two (a longer shared start than the window's)."""
     rows = [examples[:2], examples[2:3], examples[3:5]]
-    return [medata.collate_packed(row, share_prefix=share) for row in rows]
+    return [batching.collate_packed(row, share_prefix=share) for row in rows]
 
 
 def _trained(dropout: float, checkpointing: bool):

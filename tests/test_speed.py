@@ -11,8 +11,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from medlora import batching, fast
 from medlora import data as medata
-from medlora import fast
 from medlora.adapters import add_adapter
 from medlora.fast import compat
 from medlora.fast.attention import _PackedCausalAttention, _plain_causal
@@ -35,7 +35,7 @@ def test_packed_logits_match_each_conversation_alone(attn, varlen):
     model = tiny(packed=varlen, attn=attn)
     assert compat.attn_implementation(model) == ("sdpa_varlen" if varlen else attn)
     examples = random_examples()
-    batch = medata.collate_packed(examples)
+    batch = batching.collate_packed(examples)
     assert "attention_mask" not in batch  # a 2-D mask would switch off the per-conversation masking
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
@@ -87,11 +87,11 @@ def test_only_plain_causal_attention_takes_the_packed_cpu_function():
 
 def test_packed_labels_never_cross_a_conversation_boundary():
     examples = random_examples(3)
-    batch = medata.collate_packed(examples)
+    batch = batching.collate_packed(examples)
     starts = batch["cu_seq_lens_q"][:-1].tolist()
     assert all(batch["labels"][0, s] == medata.IGNORE for s in starts)
     assert batch["position_ids"][0, starts].tolist() == [0, 0, 0]
-    assert batch["input_ids"].numel() == sum(len(e.input_ids) for e in examples) == medata.real_tokens(batch)
+    assert batch["input_ids"].numel() == sum(len(e.input_ids) for e in examples) == batching.real_tokens(batch)
 
 
 def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
@@ -100,7 +100,7 @@ def test_chunked_loss_and_gradients_equal_the_models_own(monkeypatch):
     for p in model.parameters():
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.05)  # lora_B starts at zero; give every adapter weight a gradient
-    batch = medata.collate_packed(random_examples(4))
+    batch = batching.collate_packed(random_examples(4))
     results = []
     for chunked in (False, True):
         model.zero_grad()
@@ -157,7 +157,7 @@ def _lora_step(fused: bool, dropout: float, bias: str, precision: str, weights: 
     model.train()
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-        total, count = loss_sum(model, medata.collate_packed(random_examples(4)), True)
+        total, count = loss_sum(model, batching.collate_packed(random_examples(4)), True)
     (total / count).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert all(g.dtype == torch.float32 for g in grads.values())
@@ -219,7 +219,7 @@ def test_fused_layers_keep_no_copy_of_a_norm_s_output():
             module.register_forward_hook(lambda m, a, out, name=name: note(name, out))
     kept = set()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.add(t.data_ptr()) or t, lambda t: t):
-        total, count = loss_sum(model, medata.collate_packed(random_examples(4)), True)
+        total, count = loss_sum(model, batching.collate_packed(random_examples(4)), True)
     layers = len(model.get_base_model().model.layers)
     assert len(outputs) == 2 * layers and applied.norm_outputs_marked == 2 * layers + 1  # and the final norm
     assert sorted(outputs[p][0] for p in kept & outputs.keys()) == []
@@ -242,7 +242,7 @@ def test_fused_layers_keep_no_byte_per_element_mask():
     model.train()
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        loss_sum(model, medata.collate_packed(random_examples(4)), True)
+        loss_sum(model, batching.collate_packed(random_examples(4)), True)
     tokens = sum(len(e.input_ids) for e in random_examples(4))
     layers = len(model.get_base_model().model.layers)
     # (the model keeps a small bool tensor of its own, one element per token)
@@ -331,12 +331,12 @@ def test_apply_reports_what_ran_and_why_not():
 
 def test_pack_respects_the_budget_and_uses_every_example_once():
     lengths = [random.Random(i).randint(1, 512) for i in range(300)]
-    bins = medata.pack(lengths, 2048)
+    bins = batching.pack(lengths, 2048)
     assert sorted(i for b in bins for i in b) == list(range(300))
     assert all(sum(lengths[i] for i in b) <= 2048 for b in bins)
     # best-fit decreasing leaves little room: at most one bin more than a perfect split
     assert len(bins) <= -(-sum(lengths) // 2048) + 1
-    sampler = medata.PackedBatches(lengths, 2048, seed=1)
+    sampler = batching.PackedBatches(lengths, 2048, seed=1)
     first, second = list(sampler), list(sampler)
     assert first != second and sorted(map(sorted, first)) == sorted(map(sorted, second))
 
@@ -449,7 +449,7 @@ def test_loss_of_a_packed_batch_is_the_sum_over_its_conversations():
     model = tiny(packed=True)
     examples = random_examples(4, seed=3)
     with torch.no_grad():
-        packed, n_packed = loss_sum(model, medata.collate_packed(examples), chunked=True)
-        alone = [loss_sum(model, medata.collate([e], pad_id=0), chunked=False) for e in examples]
+        packed, n_packed = loss_sum(model, batching.collate_packed(examples), chunked=True)
+        alone = [loss_sum(model, batching.collate([e], pad_id=0), chunked=False) for e in examples]
     assert n_packed == sum(n for _, n in alone)
     assert packed.item() == pytest.approx(sum(s.item() for s, _ in alone), rel=1e-5)

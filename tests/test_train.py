@@ -106,7 +106,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medlora import data
+    from medlora import batching, data
     from medlora.config import option
     from medlora.fast import compat
     from medlora.loss import mean_loss
@@ -118,7 +118,7 @@ def _eval_loss(adapter_dir, eval_file) -> float:
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     prompt = option("safety", "medical").system_prompt
     examples, _ = data.tokenize_dataset(data.load_conversations(eval_file), tokenizer, prompt, 256, "truncate")
-    loader = data.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
+    loader = batching.make_loader(examples, 4, tokenizer.pad_token_id, seed=0, train=False)
     compat.reset_accelerator_state()  # other tests may have set bf16 in this process
     return mean_loss(model, loader, Accelerator(cpu=True, mixed_precision="no"))["eval_loss"]
 

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
+from medlora import batching
 from medlora import data as medata
 from medlora.config import require, resolve_device, resolve_precision
 from medlora.fast import compat
@@ -136,7 +137,7 @@ def perplexities(
 ) -> dict[str, float]:
     """`<name>_loss` and `<name>_perplexity` for the adapter, the same with `_base` for the base model."""
     require(bool(examples), f"the {name} evaluation set has no examples left after tokenization.")
-    loader = medata.make_loader(examples, batch_size, tokenizer.pad_token_id, seed, train=False)
+    loader = batching.make_loader(examples, batch_size, tokenizer.pad_token_id, seed, train=False)
     adapter = mean_loss(model, loader, accelerator)
     with model.disable_adapter():
         base = mean_loss(model, loader, accelerator)

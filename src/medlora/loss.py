@@ -10,7 +10,8 @@ import math
 
 import torch
 
-from medlora.data import IGNORE, to_device
+from medlora.batching import to_device
+from medlora.data import IGNORE
 from medlora.fast.loss import chunked_loss_sum
 
 

@@ -17,13 +17,13 @@ from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from medlora import data as medata
-from medlora import fast
+from medlora import batching, fast
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail
 from medlora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
 from medlora.cli import RunInfo
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
+from medlora.data import load_splits
 from medlora.fast import attention, compat
 from medlora.fast.prefix import run_prefix
 from medlora.files import folder_hashes, sha256_text
@@ -98,7 +98,7 @@ class LoraRecipe:
         self.device = resolve_device(cfg.device)
         self.precision = resolve_precision(cfg.precision, self.device)
         set_seed(cfg.seed)
-        train_convs, eval_convs = conversations or medata.load_splits(cfg.data, cfg.seed)
+        train_convs, eval_convs = conversations or load_splits(cfg.data, cfg.seed)
         model_path, tokenizer_path = resolve_checkpoint(cfg.model, cfg.paths.cache_dir, cfg.seed)
         self.tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
         self.data = prepare_data(cfg, self.tokenizer, train_convs, eval_convs)
@@ -175,7 +175,7 @@ class LoraRecipe:
         t, seed = self.cfg.training, self.cfg.seed
         pad_id, packed_tokens = self.tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
         share = self.applied.shared_prefix != "off"
-        self.train_loader = medata.make_loader(
+        self.train_loader = batching.make_loader(
             self.data.train_set,
             t.batch_size,
             pad_id,
@@ -185,7 +185,7 @@ class LoraRecipe:
             packed_tokens=packed_tokens,
             share_prefix=share,
         )
-        self.eval_loader = medata.make_loader(
+        self.eval_loader = batching.make_loader(
             self.data.eval_set, t.batch_size, pad_id, seed, train=False, packed_tokens=packed_tokens, share_prefix=share
         )
         steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
@@ -229,15 +229,15 @@ class LoraRecipe:
         # place the sampler where the checkpoint left off, so a resumed run sees the same batches
         consumed = self.start_step * accum
         self.train_loader.batch_sampler.epoch = consumed // len(self.train_loader)
-        micro_batches = _endless(self.train_loader, skip=consumed % len(self.train_loader))
-        throughput = _Throughput()
+        micro_batches = batching.endless(self.train_loader, skip=consumed % len(self.train_loader))
+        throughput = batching.Throughput()
         bar = tqdm(
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0
         )
         self.model.train()
         while self.step < self.total_steps:
             started = time.perf_counter()
-            window = [medata.to_device(next(micro_batches), self.accelerator.device) for _ in range(accum)]
+            window = [batching.to_device(next(micro_batches), self.accelerator.device) for _ in range(accum)]
             metrics, tokens, supervised, spared = self._step(window)
             seconds = time.perf_counter() - started
             throughput.add(tokens, supervised, seconds, spared)
@@ -272,8 +272,8 @@ class LoraRecipe:
     def _step(self, window: list[dict]) -> tuple[dict[str, float], int, int, int]:
         """One optimizer step over `window`'s micro-batches: (metrics, tokens, supervised tokens, tokens spared)."""
         # every supervised token of the optimizer step weighs the same, whichever micro-batch holds it
-        supervised = sum(medata.supervised_tokens(batch) for batch in window)
-        tokens = sum(medata.real_tokens(batch) for batch in window)
+        supervised = sum(batching.supervised_tokens(batch) for batch in window)
+        tokens = sum(batching.real_tokens(batch) for batch in window)
         loss_total, spared = self._backward(window, supervised)
         # with max_grad_norm=0 the norm is still measured and logged, just not clipped
         grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm or float("inf"))
@@ -297,7 +297,7 @@ class LoraRecipe:
                 summed, _ = loss_sum(self.model, batch, self.applied.chunked_loss)
             self.accelerator.backward(summed / supervised)
             loss_total += summed.item()
-        return loss_total, sum(medata.shared_tokens(batch) for batch in window)
+        return loss_total, sum(batching.shared_tokens(batch) for batch in window)
 
     def _backward_with_step_prefix(self, window: list[dict], supervised: int) -> tuple[float, int]:
         """The prefix the step's conversations share runs once (medlora.fast.prefix), then the rows without it."""
@@ -365,41 +365,3 @@ class LoraRecipe:
                 f"optimized_metric={name} was not measured by this run: use one of {', '.join(sorted(self.final))}."
             )
         return float(self.final[name])
-
-
-def _endless(loader, skip: int):
-    """Micro-batches epoch after epoch (the sampler reshuffles each epoch), after skipping `skip`."""
-    while True:
-        for batch in loader:
-            if skip:
-                skip -= 1
-                continue
-            yield batch
-
-
-class _Throughput:
-    """Tokens per second over the optimizer steps, evals and checkpoints excluded.
-
-    tokens/s counts the tokens of the conversations (padding excluded; a shared prefix counted
-    once per conversation, as if it were not shared); supervised tokens/s counts the tokens that
-    have a label, i.e. the assistant replies the loss is computed on. The shared fraction is the
-    part of those tokens that a shared prefix (training.shared_prefix) spared computing.
-    """
-
-    def __init__(self) -> None:
-        self.tokens, self.supervised, self.spared, self.seconds = 0, 0, 0, 0.0
-
-    def add(self, tokens: int, supervised: int, seconds: float, spared: int = 0) -> None:
-        self.tokens, self.supervised, self.seconds = (
-            self.tokens + tokens,
-            self.supervised + supervised,
-            self.seconds + seconds,
-        )
-        self.spared += spared
-
-    def summary(self) -> dict[str, float]:
-        return {
-            "train_tokens_per_second": self.tokens / max(self.seconds, 1e-9),
-            "train_supervised_tokens_per_second": self.supervised / max(self.seconds, 1e-9),
-            "train_shared_prefix_fraction": self.spared / max(self.tokens, 1),
-        }

@@ -48,7 +48,7 @@ def sdpa_varlen(
 ):
     """sdpa per conversation of a packed row (cu_seq_lens_q); other batches (padded, generation) go to plain sdpa.
 
-    `shared_prefix` (medlora.data.collate_packed): the row's conversations begin with the same
+    `shared_prefix` (medlora.batching.collate_packed): the row's conversations begin with the same
     `shared_prefix` tokens, laid once at the start of the row; the first conversation holds them
     and every later one attends to them as if they stood before it.
 

@@ -1,7 +1,7 @@
 """The system prompt computed once per optimizer step instead of once per packed row.
 
 Every conversation of this project begins with the same safety system prompt. Packed rows
-already lay it once per row (medlora.data.collate_packed); an optimizer step of several rows
+already lay it once per row (medlora.batching.collate_packed); an optimizer step of several rows
 still computed it once per row. Here the tokens that every conversation of the step begins with
 before its first label run through the decoder once, their keys and values at each layer are
 kept, and the step's rows leave them out: each conversation attends to them as if they stood
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from medlora.data import prefix_room
+from medlora.batching import prefix_room
 
 
 class StepPrefix:
@@ -61,7 +61,7 @@ def common_prefix(window: list[dict]) -> int:
     """How many leading tokens every conversation of these packed rows has, before any has a label.
 
     A row's later conversations hold only the first `shared_prefix` tokens of the row in common
-    with its first one; a row of one conversation can give what medlora.data.prefix_room allows.
+    with its first one; a row of one conversation can give what medlora.batching.prefix_room allows.
     """
     if any("cu_seq_lens_q" not in row for row in window):
         return 0
