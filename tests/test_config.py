@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from medlora import allocator, data
 from medlora import config as medconfig
 from medlora.adapters import add_adapter
+from medlora.config import groups as schema_groups
+from medlora.config.schema import build, settings
 from medlora.files import save_folder
 from medlora.model import load_model, quantization_config, resolve_checkpoint
 
@@ -26,6 +28,11 @@ GROUPS = {
 def _compose(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
+
+
+def compose_infer(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="infer", overrides=list(overrides))
 
 
 def test_defaults_follow_the_design():
@@ -220,3 +227,48 @@ def test_auto_precision_follows_the_cpus_native_bf16(monkeypatch, native_bf16, e
     assert medconfig.resolve_precision("auto", "cpu") == expected
     assert medconfig.resolve_precision("fp32", "cpu") == "fp32"  # a named precision is never changed
     assert medconfig.resolve_device("auto") in ("cpu", "cuda")
+
+
+def test_a_misspelt_key_stops_composition_and_a_wrong_type_reaches_its_check():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="rnak"):
+        _compose("lora.rnak=16")
+    # the schema types its fields Any in the store: a float rank is composed, then named by its check
+    with pytest.raises(medconfig.MedloraError, match=r"lora.rank='sixteen' is invalid: the LoRA rank must be"):
+        medconfig.validate(_compose("lora.rank=sixteen"))
+
+
+def test_the_default_options_are_the_schemas_defaults():
+    cfg = _compose()
+    assert build(schema_groups.Lora, cfg.lora) == schema_groups.Lora()
+    assert build(schema_groups.Inference, compose_infer().inference) == schema_groups.Inference()
+    safety = build(medconfig.GROUPS["safety"], cfg.safety)
+    assert safety.triage.guard.categories == {"S11": "crisis", "S6": "allow", "S8": "allow", "S13": "allow"}
+    assert safety.phi_redaction.seed == cfg.seed == 42  # ${oc.select:seed,0} resolves in a run
+
+
+def _set(node: dict, known: dict, prefix: str):
+    """The settings an option file sets: dotted keys of the schema, with their values."""
+    for key, value in node.items():
+        dotted = f"{prefix}.{key}"
+        if dotted in known or not isinstance(value, dict):
+            yield dotted, value
+        else:
+            yield from _set(value, known, dotted)
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g in medconfig.GROUPS for o in sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))],
+)
+def test_an_option_states_only_what_differs_from_the_schema(group, option):
+    import yaml
+
+    known = {key: default for key, _, default, _ in settings(medconfig.GROUPS[group])}
+    text = yaml.safe_load((ROOT / "conf" / group / f"{option}.yaml").read_text()) or {}
+    text.pop("defaults", None)
+    stated = dict(_set(text, known, group))
+    assert all(key in known for key in stated), f"not settings of the {group} schema: {set(stated) - set(known)}"
+    restated = [key for key, value in stated.items() if value == known[key]]
+    assert not restated, f"conf/{group}/{option}.yaml restates the schema's defaults: {restated}"

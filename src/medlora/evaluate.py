@@ -23,6 +23,8 @@ from transformers import set_seed
 from medlora import batching
 from medlora import data as medata
 from medlora.config import require, resolve_device, resolve_precision
+from medlora.config.groups import Evaluation
+from medlora.config.schema import build
 from medlora.fast import compat
 from medlora.files import sha256_file, write_jsonl
 from medlora.infer.assistant import Assistant, Reply
@@ -49,7 +51,7 @@ def run(cfg: DictConfig, info) -> dict[str, float]:
     if source.trained is not None:
         use_training_config(cfg, source.trained, list(info.overrides))
     validate(cfg)
-    _validate(cfg.evaluation)
+    build(Evaluation, cfg.evaluation)
     if cfg.tracking.enabled:
         experiment_id(cfg.tracking)  # an unreachable MLflow store fails now, not after the evaluation
     medical, general, held_out = _read_sets(cfg)  # every file is checked before the model loads
@@ -93,21 +95,6 @@ def _read_sets(cfg: DictConfig) -> tuple[list, list[str], list[dict]]:
     general = _general_texts(e.general_file)
     held_out = _held_out(Path(e.safety_test_dir)) if e.safety_test_dir else []
     return medical, general, held_out
-
-
-def _validate(e: DictConfig) -> None:
-    for key in ("max_seq_len", "batch_size"):
-        require(
-            isinstance(e[key], int) and e[key] > 0,
-            f"evaluation.{key}={e[key]!r} is invalid: it must be a positive integer.",
-        )
-    for key in ("safety_samples", "generations", "triage_rows"):
-        require(
-            e[key] is None or (isinstance(e[key], int) and e[key] >= 0),
-            f"evaluation.{key}={e[key]!r} is invalid: use a number >= 0 (0: skip) or null (all).",
-        )
-    for key in ("medical_file", "general_file"):
-        require(Path(e[key]).is_file(), f"evaluation.{key}={e[key]} does not exist: check the path.")
 
 
 # --------------------------------------------------------------------------------------------

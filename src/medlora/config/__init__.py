@@ -14,24 +14,24 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.config.checks import MedloraError, require, require_positive
-from medlora.config.safety import Safety
-from medlora.config.schema import (
+from medlora.config.groups import (
     PRECISIONS,
     QUANTIZATIONS,
-    ROOT,
     Data,
-    Group,
+    Evaluation,
     Inference,
     Lora,
     Model,
     Paths,
     Tracking,
     Training,
-    build,
-    store_node,
 )
+from medlora.config.safety import Safety
+from medlora.config.schema import ROOT, Group, build, store_node
 
-GROUPS: dict[str, type[Group]] = {g.key: g for g in (Model, Lora, Training, Data, Safety, Tracking, Inference, Paths)}
+GROUPS: dict[str, type[Group]] = {
+    g.key: g for g in (Model, Lora, Training, Data, Safety, Tracking, Inference, Evaluation, Paths)
+}
 
 
 def register() -> None:
@@ -74,7 +74,7 @@ _EXAMPLES = {
     "training.scheduler": "transformers.get_scheduler",
     **{f"model.quantization_config.{b}": "transformers.BitsAndBytesConfig" for b in QUANTIZATION_BLOCKS.values()},
 }
-__all__ = ["MedloraError", "QUANTIZATIONS", "require", "require_positive"]
+__all__ = ["MedloraError", "QUANTIZATIONS", "build", "require", "require_positive"]
 
 
 def validate(cfg: DictConfig, libraries: bool = True) -> None:

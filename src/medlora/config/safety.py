@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from medlora.config.checks import BOOLEAN, Rule, one_of, positive_int, require
-from medlora.config.schema import TRIAGE_ACTIONS, Group, setting
+from medlora.config.groups import TRIAGE_ACTIONS
+from medlora.config.schema import Group, setting
 
 SYSTEM_PROMPT = (
     "You are a careful medical information assistant. Give accurate, general health information in plain "

@@ -19,7 +19,9 @@ from transformers import set_seed
 
 from medlora import data as medata
 from medlora.audit import AuditTrail
-from medlora.config import require, require_positive, resolve_device, resolve_precision, validate_model, validate_safety
+from medlora.config import require, resolve_device, resolve_precision, validate_model, validate_safety
+from medlora.config.groups import Inference
+from medlora.config.schema import build
 from medlora.files import sha256_file, sha256_text, write_jsonl
 from medlora.infer import export as exporter
 from medlora.infer.assistant import Assistant, Reply
@@ -38,19 +40,7 @@ def validate(cfg: DictConfig) -> None:
     """Check what inference reads, before anything loads."""
     validate_model(cfg.model)
     validate_safety(cfg.safety)
-    inference = cfg.inference
-    for key in ("max_new_tokens", "batch_size"):
-        value = inference[key]
-        require(
-            isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"inference.{key}={value!r} is invalid: it must be a positive integer.",
-        )
-    require_positive(inference.temperature, "inference.temperature", "Typical values are 0.2 to 1.0.")
-    require(
-        isinstance(inference.top_p, (int, float)) and 0 < inference.top_p <= 1,
-        f"inference.top_p={inference.top_p!r} is invalid: it must be in (0, 1], e.g. 0.9.",
-    )
-    require_positive(inference.repetition_penalty, "inference.repetition_penalty", "Use 1.0 to turn it off.")
+    build(Inference, cfg.inference)
 
 
 def check_request(cfg: DictConfig, info) -> tuple[Source, str | None, list | None]:
