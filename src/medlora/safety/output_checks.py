@@ -386,7 +386,7 @@ class OutputChecker:
                 f"output_checks on_violation={self.on_violation!r} is invalid: use one of {', '.join(ON_VIOLATION)}."
             )
         self.disclaimer = self._optional_text(config, "disclaimer", None)
-        # texts the config leaves out are the ones in conf/safety/medical.yaml
+        # texts the config leaves out are the medical defaults (medlora/config/safety.py)
         defaults = medical_defaults()["output_checks"]
         self.block_message = self._optional_text(config, "block_message", defaults["block_message"])
         self.referral = self._optional_text(config, "referral", defaults["referral"])

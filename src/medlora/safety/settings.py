@@ -1,5 +1,6 @@
-"""conf/safety/medical.yaml for code that runs outside Hydra (the `screen` command, library use):
-the reply texts, numbers and messages live there and nowhere else."""
+"""The medical safety settings (conf/safety/medical.yaml over the schema in medlora/config/safety.py)
+for code that runs outside Hydra (the `screen` command, library use): the reply texts, numbers and
+messages live in the schema and nowhere else."""
 
 from __future__ import annotations
 

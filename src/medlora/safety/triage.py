@@ -1753,7 +1753,7 @@ class Triage:
         return value.strip()
 
     def _template(self, config: Mapping, key: str) -> str:
-        # a reply the config leaves out is the one in conf/safety/medical.yaml
+        # a reply the config leaves out is the medical default (medlora/config/safety.py)
         template = config.get(key) or medical_defaults()["triage"][key]
         unknown = _placeholders(template) - set(self.values)
         if unknown:
