@@ -195,6 +195,17 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def loaders(data, training, pad_id: int, seed: int, share_prefix: bool):
+    """(train, eval) loaders of prepared data as the training config asks: packed rows of
+    batch_size * max_seq_len tokens, or padded batches of batch_size conversations."""
+    packed_tokens = training.batch_size * training.max_seq_len if training.packing else 0
+    common = dict(packed_tokens=packed_tokens, share_prefix=share_prefix)
+    return (
+        make_loader(data.train_set, training.batch_size, pad_id, seed, True, training.group_by_length, **common),
+        make_loader(data.eval_set, training.batch_size, pad_id, seed, False, **common),
+    )
+
+
 def make_loader(
     examples: list[Example],
     batch_size: int,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import math
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -20,13 +20,22 @@ from tqdm.auto import tqdm
 from medlora import batching, fast
 from medlora.adapters import add_adapter
 from medlora.audit import AuditTrail
-from medlora.checkpoint import load_checkpoint, save_adapter, save_checkpoint
+from medlora.checkpoint import (
+    Checkpoints,
+    Stopped,
+    StopSignals,
+    config_hash,
+    find_resume,
+    load_checkpoint,
+    mark,
+    save_adapter,
+)
 from medlora.cli import RunInfo
 from medlora.config import MedloraError, resolve_device, resolve_precision, validate
 from medlora.data import load_splits
 from medlora.fast import attention, compat
 from medlora.fast.prefix import run_prefix
-from medlora.files import folder_hashes, sha256_text
+from medlora.files import folder_hashes
 from medlora.loss import loss_sum, mean_loss
 from medlora.model import load_model, load_tokenizer, resolve_checkpoint
 from medlora.prepare import audit_data, prepare_data
@@ -44,10 +53,15 @@ def run(cfg: DictConfig, info: RunInfo, conversations: tuple[list, list] | None 
     recipe = LoraRecipe(cfg, info)
     try:
         recipe.setup(conversations)
-        recipe.evaluate("before")
+        if recipe.start_step == 0:  # a resumed run measured its start before it stopped
+            recipe.evaluate("before")
         recipe.train()
         recipe.evaluate("after")
         recipe.save_adapter()
+    except Stopped as stop:
+        recipe.cleanup(stop)
+        log.warning("%s", stop)
+        sys.exit(128 + stop.signum)  # the shell's code for a process a signal ended
     except BaseException as err:
         recipe.cleanup(err)
         raise
@@ -76,19 +90,41 @@ class LoraRecipe:
       for the same maths. What actually ran, and why a trick did not where a model cannot take it,
       is self.applied, logged as resolved_* params.
     - Mixed precision through accelerate (precision); LoRA weights stay fp32.
-    - Checkpoints every training.save_every steps resume exactly: weights, optimizer, scheduler,
-      RNG and the sampler's place (medlora.checkpoint).
+    - Checkpoints every training.save_every steps or save_every_minutes, whichever comes first,
+      resume exactly (weights, optimizer, scheduler, every RNG, the sampler's place) into the same
+      run folder, audit trail and MLflow run; SIGTERM / Ctrl-C save one at the next step boundary
+      (medlora.checkpoint). Each costs about three times the adapter on disk and a moment's write.
     - MLflow tracking and a hash-chained audit trail of data, redaction, evals and outputs.
     """
 
     def __init__(self, cfg: DictConfig, info: RunInfo):
         self.cfg, self.info = cfg, info
+        self.config_hash = config_hash(cfg)
+        t = cfg.training
+        # before the tracker starts: a resumed run goes on in its own MLflow run
+        self.resume = find_resume(
+            t.resume, t.resume_from, info.output_dir, self.config_hash, cfg.tracking.uri, look_beside=not info.sweep_dir
+        )
+        self.run_dir = self.resume.run_dir if self.resume else info.output_dir
+        self.checkpoints = Checkpoints(
+            self.run_dir / "checkpoints", t.save_every, t.save_every_minutes, t.keep_checkpoints
+        )
+        if self.resume and self.run_dir != info.output_dir:
+            log.info("this run continues in %s (this process's log: %s)", self.run_dir, info.output_dir)
         self.tracker = Tracker(cfg)
         if info.sweep_dir:
             # a sweep records every job under its parent, one that fails on a bad value too
-            self.tracker.start(info.sweep_dir, list(info.overrides))
+            self._start_tracker()
         self.step = self.start_step = self.total_steps = 0
+        self.last_eval: tuple[int, float] | None = None  # (step, eval loss): a checkpoint's score for keeping
         self.final: dict[str, float] = {}  # the metrics of the finished run, optimized_metric among them
+
+    def _start_tracker(self) -> None:
+        resumed = self.resume.state.get("run_id") if self.resume else None
+        if resumed:
+            self.tracker.start(self.info.sweep_dir, list(self.info.overrides), resume_run_id=resumed)
+        else:
+            self.tracker.start(self.info.sweep_dir, list(self.info.overrides))
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -106,9 +142,11 @@ class LoraRecipe:
         self._setup_model(model_path)
         self._setup_loaders()
         self._setup_optimizer()
-        if cfg.training.resume_from:
-            self.start_step = load_checkpoint(cfg.training.resume_from, self.model, self.optimizer, self.scheduler)
+        if self.resume:
+            state = load_checkpoint(self.resume.checkpoint, self.model, self.optimizer, self.scheduler)
+            self.start_step = state["step"]
         self.step = self.start_step
+        mark(self.run_dir, "running", step=self.step)
         self.audit.record(
             "train_start",
             counts={
@@ -118,27 +156,27 @@ class LoraRecipe:
                 "total_steps": self.total_steps,
             },
             start_step=self.start_step,
-            **({"resumed_from": str(cfg.training.resume_from)} if cfg.training.resume_from else {}),
+            **({"resumed_from": str(self.resume.checkpoint)} if self.resume else {}),
         )
 
     def _setup_tracking(self) -> None:
-        cfg, info, tracker = self.cfg, self.info, self.tracker
+        cfg, tracker = self.cfg, self.tracker
         if tracker.run_id is None:
-            tracker.start(info.sweep_dir, list(info.overrides))
+            self._start_tracker()
         if tracker.url:
             log.info("MLflow run: %s  (open it with `make ui`)", tracker.url)
-        tracker.set_tags({"device": self.device, "precision": self.precision})
+        tracker.set_tags({"device": self.device, "precision": self.precision, "medlora.run_dir": str(self.run_dir)})
         tracker.log_metrics(self.data.metrics(), step=0)
-        # the hash names the training setup: paths and tracking differ per run without changing it
-        setup = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("paths", "tracking")}
+        # a resumed run appends to its own trail, whose chain continues
         self.audit = AuditTrail(
-            info.output_dir / "audit.jsonl",
+            self.run_dir / "audit.jsonl",
             actor=f"{getpass.getuser()}@{socket.gethostname()}",
-            run_id=tracker.run_id or info.output_dir.name,
-            config_hash=sha256_text(json.dumps(setup, sort_keys=True)),
+            run_id=tracker.run_id or self.run_dir.name,
+            config_hash=self.config_hash,
             git_commit=git_commit(cfg.paths.root_dir),
         )
-        audit_data(self.audit, cfg, self.data)
+        if not self.resume:  # the data a resumed run trains on is recorded already, by hash
+            audit_data(self.audit, cfg, self.data)
 
     def _setup_model(self, model_path: str) -> None:
         t = self.cfg.training
@@ -172,21 +210,9 @@ class LoraRecipe:
         )
 
     def _setup_loaders(self) -> None:
-        t, seed = self.cfg.training, self.cfg.seed
-        pad_id, packed_tokens = self.tokenizer.pad_token_id, t.batch_size * t.max_seq_len if t.packing else 0
-        share = self.applied.shared_prefix != "off"
-        self.train_loader = batching.make_loader(
-            self.data.train_set,
-            t.batch_size,
-            pad_id,
-            seed,
-            train=True,
-            group_by_length=t.group_by_length,
-            packed_tokens=packed_tokens,
-            share_prefix=share,
-        )
-        self.eval_loader = batching.make_loader(
-            self.data.eval_set, t.batch_size, pad_id, seed, train=False, packed_tokens=packed_tokens, share_prefix=share
+        t, share = self.cfg.training, self.applied.shared_prefix != "off"
+        self.train_loader, self.eval_loader = batching.loaders(
+            self.data, t, self.tokenizer.pad_token_id, self.cfg.seed, share
         )
         steps_per_epoch = math.ceil(len(self.train_loader) / t.gradient_accumulation_steps)
         self.total_steps = t.max_steps if t.max_steps > 0 else steps_per_epoch * t.num_epochs
@@ -219,6 +245,7 @@ class LoraRecipe:
             self.tracker.log_metrics(scores, step=self.step)
         if stage == "after":
             self.final.update(scores)
+        self.last_eval = (self.step, scores["eval_loss"])
         self.audit.record("eval", counts=scores, step=self.step)
         return scores
 
@@ -235,25 +262,14 @@ class LoraRecipe:
             total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0
         )
         self.model.train()
-        while self.step < self.total_steps:
-            started = time.perf_counter()
-            window = [batching.to_device(next(micro_batches), self.accelerator.device) for _ in range(accum)]
-            metrics, tokens, supervised, spared = self._step(window)
-            seconds = time.perf_counter() - started
-            throughput.add(tokens, supervised, seconds, spared)
-            metrics.update(tokens_per_second=tokens / seconds, supervised_tokens_per_second=supervised / seconds)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{metrics['train_loss']:.4f}",
-                lr=f"{metrics['learning_rate']:.2e}",
-                tok_s=f"{metrics['tokens_per_second']:.0f}",
-            )
-            if t.log_every and self.step % t.log_every == 0:
-                self.tracker.log_metrics(metrics, self.step)
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
-                self.evaluate(f"step {self.step}")
-            if t.save_every and self.step % t.save_every == 0:
-                self.save_checkpoint()
+        with StopSignals() as stop:
+            while self.step < self.total_steps:
+                self._train_step(micro_batches, throughput, bar)
+                if self.checkpoints.due(self.step) or stop.received:
+                    checkpoint = self.save_checkpoint()
+                    if stop.received:
+                        bar.close()
+                        raise Stopped(stop.received, self.step, checkpoint)
         bar.close()
         speed = throughput.summary()
         log.info(
@@ -268,6 +284,29 @@ class LoraRecipe:
             speed["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         self.tracker.log_metrics(speed, step=self.step)
         self.final.update(speed)
+
+    def _train_step(self, micro_batches, throughput: batching.Throughput, bar) -> None:
+        """One optimizer step, its metrics logged, and an eval where training.eval_every falls."""
+        t = self.cfg.training
+        started = time.perf_counter()
+        window = [
+            batching.to_device(next(micro_batches), self.accelerator.device)
+            for _ in range(t.gradient_accumulation_steps)
+        ]
+        metrics, tokens, supervised, spared = self._step(window)
+        seconds = time.perf_counter() - started
+        throughput.add(tokens, supervised, seconds, spared)
+        metrics.update(tokens_per_second=tokens / seconds, supervised_tokens_per_second=supervised / seconds)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{metrics['train_loss']:.4f}",
+            lr=f"{metrics['learning_rate']:.2e}",
+            tok_s=f"{metrics['tokens_per_second']:.0f}",
+        )
+        if t.log_every and self.step % t.log_every == 0:
+            self.tracker.log_metrics(metrics, self.step)
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+            self.evaluate(f"step {self.step}")
 
     def _step(self, window: list[dict]) -> tuple[dict[str, float], int, int, int]:
         """One optimizer step over `window`'s micro-batches: (metrics, tokens, supervised tokens, tokens spared)."""
@@ -312,23 +351,25 @@ class LoraRecipe:
     # --- save and finish ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        folder = save_checkpoint(
-            self.accelerator.unwrap_model(self.model),
-            self.optimizer,
-            self.scheduler,
-            self.info.output_dir / "checkpoints" / f"step_{self.step}",
-            self.step,
-        )
-        self.audit.record("checkpoint", outputs=folder_hashes(folder), step=self.step)
-        return folder
+        """The whole training state at this step; older ones beyond training.keep_checkpoints go."""
+        scored = self.last_eval is not None and self.last_eval[0] == self.step
+        state = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "config_hash": self.config_hash,
+            "run_id": self.tracker.run_id,
+            "audit_head": self.audit.head,
+            "eval_loss": self.last_eval[1] if scored else None,
+        }
+        saved = self.checkpoints.save(self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, state)
+        self.audit.record("checkpoint", outputs=folder_hashes(saved), step=self.step)
+        return saved
 
     def save_adapter(self) -> Path:
         """The adapter, its evaluation where adapter_eval names one, the audit record and the artifacts."""
         cfg, tracker = self.cfg, self.tracker
         self.audit.record("train_end", step=self.step)
-        adapter_dir = save_adapter(
-            self.accelerator.unwrap_model(self.model), self.tokenizer, self.info.output_dir / "adapter"
-        )
+        adapter_dir = save_adapter(self.accelerator.unwrap_model(self.model), self.tokenizer, self.run_dir / "adapter")
         log.info("adapter saved to %s", adapter_dir)
         if cfg.adapter_eval is not None:
             # before the adapter's hashes are recorded and it is logged: the evaluation may write beside it
@@ -338,21 +379,24 @@ class LoraRecipe:
             self.final.update(scores)
         self.audit.record("adapter_export", outputs=folder_hashes(adapter_dir))
         tracker.set_tags({"audit_head": self.audit.head})
-        resolved = self.info.output_dir / "config_resolved.yaml"
+        resolved = self.run_dir / "config_resolved.yaml"
         resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         tracker.log_artifact(resolved)
         if cfg.tracking.log_adapter:
             tracker.log_artifact(adapter_dir, "adapter")
         for handler in logging.getLogger().handlers:
             handler.flush()
-        for log_file in [*self.info.output_dir.glob("*.log"), self.info.output_dir / "audit.jsonl"]:
+        for log_file in [*self.info.output_dir.glob("*.log"), self.run_dir / "audit.jsonl"]:
             tracker.log_artifact(log_file)
         return adapter_dir
 
     def cleanup(self, error: BaseException | None = None) -> None:
-        """Close the MLflow run: FINISHED, or FAILED with the error that stopped it."""
+        """Close the MLflow run: FINISHED, KILLED by a signal, or FAILED with the error that stopped it."""
+        mark(self.run_dir, error, step=self.step)
         if error is None:
             self.tracker.finish()
+        elif isinstance(error, Stopped):
+            self.tracker.finish("KILLED", error=str(error))
         else:
             self.tracker.finish("FAILED", error=f"{type(error).__name__}: {error}")
         if self.tracker.url and error is None:

@@ -112,8 +112,9 @@ def _allocator(key: str, value) -> None:
 
 def _resume(key: str, value) -> None:
     require(
-        not value or Path(value).is_dir(),
-        f"{key}={value} is not a folder: give a checkpoint folder such as outputs/runs/<time>/checkpoints/step_20.",
+        not value or str(value).startswith("runs:/") or Path(value).is_dir(),
+        f"{key}={value} is not a folder: give a run folder (outputs/runs/<time>), a checkpoint such as "
+        "outputs/runs/<time>/checkpoints/step_20, or runs:/<MLflow run id>.",
     )
 
 
@@ -168,8 +169,23 @@ class Training(Group):
     )
     log_every: int = setting(1, "optimizer steps between logged metrics (0: never)", _EVERY)
     eval_every: int = setting(0, "optimizer steps between evals (0: only before and after training)", _EVERY)
-    save_every: int = setting(0, "optimizer steps between checkpoints (0: never)", _EVERY)
-    resume_from: str | None = setting(None, "a checkpoint folder of an earlier run (.../checkpoints/step_N)", _resume)
+    # whichever comes first; a checkpoint costs about three times the adapter's size on disk and a
+    # moment's write, so a long run on a rented GPU loses at most minutes to a crash
+    save_every: int = setting(500, "optimizer steps between checkpoints (0: by time alone)", _EVERY)
+    save_every_minutes: float = setting(
+        10.0,
+        "minutes of training between checkpoints (0: by steps alone)",
+        Positive("Use 0 to turn it off.", allow_zero=True),
+    )
+    keep_checkpoints: int = setting(2, "the newest checkpoints kept (and the one with the best eval loss)", _COUNT)
+    resume: str = setting(
+        "auto",
+        "auto: continue this run's folder, or the latest unfinished run beside it with the same config | never",
+        one_of("auto", "never"),
+    )
+    resume_from: str | None = setting(
+        None, "continue this run: its folder, a checkpoint (.../checkpoints/step_N) or runs:/<MLflow run id>", _resume
+    )
     # needs an attention that reads position_ids (sdpa, flash_attention_2, eager)
     packing: bool = setting(
         True, "whole conversations end to end, no padding, attention kept within each (false: padded batches)", BOOLEAN
