@@ -92,7 +92,9 @@ def _same(a: dict, b: dict) -> bool:
 def reference(tmp_path_factory):
     """An uninterrupted run: its adapter, and the data file every run here trains on."""
     tmp = tmp_path_factory.mktemp("reference")
-    data = write_jsonl(tmp / "qa.jsonl", [conversation(f"Question {i} about sleep?", f"Answer {i}: rest.") for i in range(8)])
+    data = write_jsonl(
+        tmp / "qa.jsonl", [conversation(f"Question {i} about sleep?", f"Answer {i}: rest.") for i in range(8)]
+    )
     result = _run(tmp, data, tmp / "run")
     assert result.returncode == 0, result.stderr[-3000:]
     # three checkpoints a run of 12 steps saves every 3 steps, the last two kept and the best by eval loss
