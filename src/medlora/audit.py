@@ -15,6 +15,7 @@ import argparse
 import datetime
 import json
 import sys
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -45,9 +46,10 @@ def entry_hash(entry: dict) -> str:
     return sha256_bytes(canonical({k: v for k, v in entry.items() if k != "entry_hash"}))
 
 
-def library_versions() -> dict[str, str]:
+def library_versions(names: Iterable[str] = LIBRARIES) -> dict[str, str]:
+    """{distribution: version} of those of `names` that are installed."""
     found = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             found[name] = version(name)
         except PackageNotFoundError:
