@@ -7,8 +7,13 @@ import os
 import pytest
 import torch
 
+from medlora.audit import verify
+from medlora.cli import RunInfo, exit_on_user_error
+from medlora.config import MedloraError
+
 from helpers import TINY, conversation, train, write_jsonl
 
+RESULTS = ("adapter", "checkpoints")  # what train.py keeps a failed run's folder for
 GOOD = conversation("What is a fever?", "A body temperature above about 38 C (100.4 F).")
 
 
@@ -96,3 +101,34 @@ def test_4bit_without_bitsandbytes_says_how_to_fix(tmp_path):
     assert "model.quantization=4bit needs the bitsandbytes package" in result.stderr
     assert "model.quantization=none" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _fails(output_dir, trail: str):
+    """A job that writes a log, opens the run's audit trail (and records in it) or not, then meets a bad value."""
+
+    def job():
+        from medlora.audit import AuditTrail
+
+        output_dir.mkdir(parents=True)
+        (output_dir / "train.log").write_text("starting\n")
+        if trail != "none":
+            opened = AuditTrail(output_dir / "audit.jsonl", actor="test")
+            if trail == "recorded":
+                opened.record("train_start")
+        raise MedloraError("training.resume_from=/nope is not a checkpoint")
+
+    return job
+
+
+@pytest.mark.parametrize("trail", ["none", "opened", "recorded"])
+def test_a_run_folder_is_removed_only_while_it_holds_no_audit_trail(tmp_path, capsys, trail):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exited:
+        exit_on_user_error(_fails(run, trail), RunInfo(output_dir=run), results=RESULTS)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: training.resume_from=/nope is not a checkpoint\n"
+    if trail == "none":
+        assert not run.exists()  # a bad value before the trail opens leaves nothing
+    else:
+        assert sorted(p.name for p in run.iterdir()) == ["audit.jsonl", "train.log"]
+        assert verify(run / "audit.jsonl")[0] == (trail == "recorded")  # an empty trail holds no entries

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -62,10 +61,9 @@ def safe_run(tmp_path_factory):
 def _everything_written(tmp, result, client, run) -> str:
     """All a run leaves behind: its output, MLflow params, tags, metric names and artifacts, and the
     cleaned, tokenized data it cached, decoded back to text."""
-    import pickle
-
+    from medlora.data import load_splits
     from medlora.model import load_tokenizer
-    from medlora.prepare import data_key
+    from medlora.prepare import cache_path, load_prepared
 
     texts = [
         result.stdout,
@@ -78,8 +76,7 @@ def _everything_written(tmp, result, client, run) -> str:
         texts.append(open(client.download_artifacts(run.info.run_id, name, str(tmp / "download"))).read())
     cfg = OmegaConf.load(tmp / "run" / "config_resolved.yaml")
     tokenizer = load_tokenizer(str(tmp / "run" / "adapter"))
-    cached = Path(cfg.paths.cache_dir) / "data" / f"{data_key(cfg, tokenizer)}.pkl"
-    prepared = pickle.loads(cached.read_bytes())
+    prepared = load_prepared(cache_path(cfg, tokenizer, *load_splits(cfg.data, cfg.seed)))
     texts += [tokenizer.decode(e.input_ids) for e in prepared.train_set + prepared.eval_set]
     return "\n".join(texts)
 

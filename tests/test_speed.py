@@ -423,14 +423,14 @@ def test_prepared_data_is_reused_until_an_input_changes(tmp_path):
     overrides = [f"paths.cache_dir={cache}", *TINY, "debug=fast", "tracking=none"]
     first = train(tmp_path / "a", *overrides)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "reused from" not in first.stdout + first.stderr and len(list((cache / "data").glob("*.pkl"))) == 1
+    assert "reused from" not in first.stdout + first.stderr and len(list((cache / "data").glob("*.safetensors"))) == 1
     second = train(tmp_path / "b", *overrides, "lora.rank=4")  # LoRA settings do not shape the data
     assert second.returncode == 0 and "cleaned and tokenized data reused from" in second.stdout + second.stderr
 
     # what does shape it changes the key, so the next run prepares the data again
     def key(*changes: str) -> str:
         cfg = compose("train", [*overrides, *changes])
-        return _data_key(cfg, tokenizer)
+        return _data_key(cfg, tokenizer, *medata.load_splits(cfg.data, cfg.seed))
 
     tokenizer = load_tokenizer(resolve_checkpoint(compose("train", TINY).model, str(cache), 42)[1])
     same = key()

