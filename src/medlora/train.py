@@ -145,6 +145,12 @@ class LoraRecipe:
         if self.resume:
             state = load_checkpoint(self.resume.checkpoint, self.model, self.optimizer, self.scheduler)
             self.start_step = state["step"]
+            self.audit.record(
+                "resume",
+                inputs=folder_hashes(self.resume.checkpoint),
+                step=self.start_step,
+                checkpoint=str(self.resume.checkpoint),
+            )
         self.step = self.start_step
         mark(self.run_dir, "running", step=self.step)
         self.audit.record(
