@@ -39,6 +39,7 @@ from helpers.runs import (  # noqa: E402
     isolated,
     mlflow_client,
     optuna_search,
+    start_train,
     tiny_adapter,
     train,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "isolated",
     "mlflow_client",
     "optuna_search",
+    "start_train",
     "tiny_adapter",
     "train",
     "write_jsonl",

@@ -25,12 +25,32 @@ def isolated(tmp: Path) -> list[str]:
 
 
 def train(tmp: Path, *overrides: str, multirun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _train_command(tmp, overrides, multirun),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def start_train(tmp: Path, *overrides: str) -> subprocess.Popen:
+    """`python train.py` as train() runs it, without waiting: for a test that acts while it trains."""
+    return subprocess.Popen(
+        _train_command(tmp, overrides, multirun=False),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _train_command(tmp: Path, overrides, multirun: bool) -> list[str]:
     given = {o.split("=")[0] for o in overrides}
     defaults = [o for o in isolated(tmp) if o.split("=")[0] not in given]
-    cmd = [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *defaults, *overrides]
-    return subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    return [sys.executable, str(ROOT / "train.py"), *(["-m"] if multirun else []), *defaults, *overrides]
 
 
 def optuna_search(tmp: Path, *overrides: str, n_trials: int = 3, sweep: str = "sweep") -> subprocess.CompletedProcess:

@@ -294,6 +294,22 @@ class Tracking(Group):
     experiment_name: str | None = setting("medlora", "the MLflow experiment")
     run_name: str | None = setting(None, 'null: "<model>-r<rank>-<time>"')
     log_adapter: bool = setting(True, "log the trained adapter as an artifact", BOOLEAN)
+    # while the store is down a write is tried again after 1 s, 2 s, 4 s, ... up to this wait
+    retry_max_wait: float = setting(
+        30.0,
+        "the longest wait in seconds between two tries of a write while MLflow does not answer",
+        Positive("e.g. tracking.retry_max_wait=30."),
+    )
+    flush_timeout: float = setting(
+        60.0,
+        "at the end of a run, the seconds to wait for an MLflow that does not answer before its writes go to the backlog",
+        Positive("Use 0 not to wait.", allow_zero=True),
+    )
+    backlog: bool = setting(
+        True,
+        "keep the writes MLflow never took in the run folder's tracking_backlog.jsonl, for python -m medlora.tracking replay",
+        BOOLEAN,
+    )
 
 
 @dataclass

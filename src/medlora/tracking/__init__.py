@@ -3,6 +3,10 @@
 The parent is made by `MlflowSweepCallback` before the first job and found by each job through
 its `medlora.sweep_dir` tag, which works whichever Hydra launcher runs the jobs. When the sweep
 ends, medlora.sweep reads the children back and puts the best job and comparison plots on it.
+
+A run is made (or resumed) while training waits, so a store that is down stops the run before it
+starts; after that every write goes through medlora.tracking.writer, which no outage of the store
+can stop training with, and `python -m medlora.tracking replay <run folder>` sends what a run kept.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.config import RUN_METRICS, MedloraError
+from medlora.tracking.writer import Stored, Writer, brief, now_ms, save_backlog
 
 log = logging.getLogger(__name__)
 
 SWEEP_TAG = "medlora.sweep_dir"
-# a server that is down should fail the run in seconds, not after MLflow's minutes of retries
+RESUMES_TAG = "medlora.resumes"
+# a request to a store that is down fails at once (the writer waits and retries, off the training
+# thread), and one to a store that hangs counts as failed after 10 s
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
@@ -105,32 +112,61 @@ def _start_parent(client, exp_id: str, sweep_dir: str, overrides: list[str]) -> 
 
 
 class Tracker:
-    """The MLflow run of one job. With tracking disabled every call does nothing."""
+    """The MLflow run of one job. With tracking disabled every call does nothing.
+
+    Every write (params, metrics, tags, artifacts, tables, the status) is queued and sent by a
+    medlora.tracking.writer.Writer, so none can stop training; `finish` waits for the queue and
+    saves what the store did not take to `<paths.output_dir>/tracking_backlog.jsonl`.
+    """
 
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.enabled = bool(cfg.tracking.enabled)
         self.run_id = None
         self.url = None
+        self._stored = Stored()
+        self._writer: Writer | None = None
 
-    def start(self, sweep_dir: str | None = None, overrides: list[str] = ()) -> None:
+    def start(self, sweep_dir: str | None = None, overrides: list[str] = (), resume_run_id: str | None = None) -> None:
+        """A new run (the child of its sweep's parent in a sweep), or with `resume_run_id` that run
+        again: RUNNING once more, its `medlora.resumes` tag counting, and nothing it holds logged twice."""
         if not self.enabled:
             return
         tracking = self.cfg.tracking
         self.client = _client(tracking)
-        exp_id = experiment_id(tracking)
-        all_tags = {"hydra_overrides": " ".join(overrides)[:8000]}
-        if sweep_dir:
-            parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
-                self.client, exp_id, sweep_dir, overrides
+        if resume_run_id:
+            self._resume(resume_run_id)
+        else:
+            exp_id = experiment_id(tracking)
+            all_tags = {"hydra_overrides": " ".join(overrides)[:8000]}
+            if sweep_dir:
+                parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
+                    self.client, exp_id, sweep_dir, overrides
+                )
+                all_tags["mlflow.parentRunId"] = parent
+            name = (
+                tracking.run_name
+                or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
             )
-            all_tags["mlflow.parentRunId"] = parent
-        name = (
-            tracking.run_name
-            or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
-        )
-        self._create(exp_id, name, all_tags)
+            self._create(exp_id, name, all_tags)
         self.log_params(flatten(self.cfg))
+
+    def _resume(self, run_id: str) -> None:
+        tracking = self.cfg.tracking
+        try:
+            run = self.client.get_run(run_id)
+            self._stored = Stored.of_run(self.client, run)
+            resumes = int(run.data.tags.get(RESUMES_TAG, "0")) + 1
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, RESUMES_TAG, str(resumes))
+        except Exception as err:  # mlflow raises MlflowException, requests' errors or sqlalchemy's
+            raise MedloraError(
+                f"cannot resume the MLflow run {run_id} in tracking.uri={tracking.uri}: {brief(err)}. "
+                "Give the id of a run in that store (its page in the UI shows it), or start the server."
+            ) from err
+        self._stored.tags[RESUMES_TAG] = str(resumes)
+        self.run_id = run_id
+        self.url = ui_url(tracking, run.info.experiment_id, run_id)
 
     def start_beside(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
         """A run of another kind (an evaluation, an export): nested under `parent_run_id` and in its
@@ -160,51 +196,44 @@ class Tracker:
             "host": socket.gethostname(),
             "model": str(self.cfg.model.base_model),
         }
-        self.run_id = self.client.create_run(exp_id, run_name=name, tags={**every, **tags}).info.run_id
+        run = self.client.create_run(exp_id, run_name=name, tags={**every, **tags})
+        self.run_id = run.info.run_id
+        self._stored.tags.update(run.data.tags)
         self.url = ui_url(self.cfg.tracking, exp_id, self.run_id)
 
-    def log_params(self, params: dict) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Param
-        from mlflow.utils.validation import MAX_PARAMS_TAGS_PER_BATCH
+    def _put(self, write: dict) -> None:
+        if self._writer is None:
+            tracking = self.cfg.tracking
+            self._writer = Writer(self.client, self.run_id, str(tracking.uri), self._stored, tracking.retry_max_wait)
+        self._writer.put(write)
 
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            self._put({"kind": "log", "params": {k: str(v) for k, v in params.items()}, "tags": {}, "metrics": []})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        if self.enabled:
+            now = now_ms()
+            rows = [[k, float(v), now, int(step)] for k, v in metrics.items()]
+            self._put({"kind": "log", "params": {}, "tags": {}, "metrics": rows})
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, str(value))
+            self._put({"kind": "log", "params": {}, "tags": {k: str(v) for k, v in tags.items()}, "metrics": []})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if not self.enabled or not Path(path).exists():
-            return
-        if Path(path).is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        if self.enabled and Path(path).exists():
+            self._put({"kind": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_table(self, table: dict[str, list], artifact_file: str) -> None:
         """A table the MLflow UI can compare across runs (Evaluation tab)."""
         if self.enabled:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.cfg.tracking.uri)
-            mlflow.log_table(data=table, artifact_file=artifact_file, run_id=self.run_id)
+            self._put({"kind": "table", "data": table, "artifact_file": artifact_file})
 
     def log_model(self, model, tokenizer, **kwargs) -> str | None:
         """The model with MLflow's transformers flavor into this run, which it then ends (FINISHED);
-        returns its model URI."""
+        returns its model URI. Not queued: the caller needs the URI, and an export has no training
+        to protect from the store."""
         if not self.enabled:
             return None
         import mlflow
@@ -216,10 +245,43 @@ class Tracker:
         return info.model_uri
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        if self.enabled and self.run_id:
+        """End the run: wait for its writes (tracking.flush_timeout at most while the store is down),
+        then save those it did not take beside the run. Never raises: this runs while the error that
+        stopped training propagates, and a tracking failure must not take its place."""
+        if not (self.enabled and self.run_id):
+            return
+        try:
             if error:
-                self.client.set_tag(self.run_id, "error", error[:8000])
-            self.client.set_terminated(self.run_id, status)
+                self.set_tags({"error": error[:8000]})
+            self._put({"kind": "status", "status": status, "end_time": now_ms()})
+            writer, self._writer = self._writer, None
+            left = writer.close(float(self.cfg.tracking.flush_timeout))
+            if left:
+                self._keep(left)
+        except Exception as err:
+            log.warning("could not close the MLflow run %s: %s", self.run_id, brief(err))
+
+    def _keep(self, writes: list[dict]) -> None:
+        tracking = self.cfg.tracking
+        if not tracking.backlog:
+            log.warning(
+                "MLflow at %s did not take %d writes of run %s; they are dropped (tracking.backlog=false)",
+                tracking.uri,
+                len(writes),
+                self.run_id,
+            )
+            return
+        folder = Path(self.cfg.paths.output_dir)
+        path = save_backlog(folder, str(tracking.uri), self.run_id, writes)
+        log.warning(
+            "MLflow at %s did not take %d writes of run %s: they are in %s; once it is back, send them with "
+            "`python -m medlora.tracking replay %s`",
+            tracking.uri,
+            len(writes),
+            self.run_id,
+            path,
+            folder,
+        )
 
 
 class MlflowSweepCallback(Callback):
