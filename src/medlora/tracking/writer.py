@@ -28,6 +28,7 @@ import collections
 import json
 import logging
 import posixpath
+import re
 import threading
 import time
 from collections.abc import Iterable
@@ -48,8 +49,13 @@ def now_ms() -> int:
 
 
 def brief(err: BaseException) -> str:
-    """The first line of an error, short enough for a log line (MLflow's name the URL and urllib3's chain)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """An error in a few words: the socket's reason where MLflow wraps one in urllib3's chain of
+    messages (`[Errno 111] Connection refused`, `Read timed out`), else its first line."""
+    text = str(err).strip()
+    reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Remote end closed connection without response|Read timed out", text)
+    if reason:
+        return reason.group(0)
+    text = text.splitlines()[0] if text else type(err).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -193,6 +199,7 @@ class Writer:
         self.changed = threading.Condition()
         self.closing = False
         self.abandoned = threading.Event()  # set when close() stops waiting: the thread ends at once
+        self.wake = threading.Event()  # cuts a wait between tries short: at close, and when abandoned
         self.down_since: float | None = None  # time.monotonic() of the first failure of this outage
         self.thread = threading.Thread(target=self._run, name=f"mlflow-writer-{run_id[:8]}", daemon=True)
         self.thread.start()
@@ -205,6 +212,7 @@ class Writer:
     def close(self, patience: float) -> list[dict]:
         """Wait for the queue to empty: as long as the store answers, and `patience` seconds once it
         does not. Returns what the store has not taken, in order, the set-aside artifacts last."""
+        self.wake.set()  # a store that is back by now gets its try at once, not after the current wait
         with self.changed:
             self.closing = True
             self.changed.notify_all()
@@ -214,6 +222,7 @@ class Writer:
                     break
                 self.changed.wait(0.2)
             self.abandoned.set()
+            self.wake.set()
             left = list(self.queue)
         if left:
             return left + self.aside
@@ -268,7 +277,8 @@ class Writer:
                     break
                 self._went_down(err)
                 known = False
-                self.abandoned.wait(wait)
+                self.wake.wait(wait)
+                self.wake.clear()
                 wait = min(2 * wait, self.retry_max_wait)
         if not self.abandoned.is_set():
             self._came_back()
