@@ -397,7 +397,8 @@ class LoraRecipe:
         return adapter_dir
 
     def cleanup(self, error: BaseException | None = None) -> None:
-        """Close the MLflow run: FINISHED, KILLED by a signal, or FAILED with the error that stopped it."""
+        """Close the MLflow run: FINISHED, KILLED by a signal, or FAILED with the error that stopped it
+        (Tracker.finish never raises, so a store that fails now cannot put its error in the place of `error`)."""
         mark(self.run_dir, error, step=self.step)
         if error is None:
             self.tracker.finish()

@@ -255,7 +255,11 @@ class Tracker:
                 self.set_tags({"error": error[:8000]})
             self._put({"kind": "status", "status": status, "end_time": now_ms()})
             writer, self._writer = self._writer, None
-            left = writer.close(float(self.cfg.tracking.flush_timeout))
+            try:
+                left = writer.close(float(self.cfg.tracking.flush_timeout))
+            except KeyboardInterrupt:  # Ctrl-C while the run waits for the store: keep what it lacks, then stop
+                self._keep(writer.abandon())
+                raise
             if left:
                 self._keep(left)
         except Exception as err:

@@ -193,7 +193,7 @@ class Writer:
     def __init__(self, client, run_id: str, uri: str, stored: Stored, retry_max_wait: float):
         self.client, self.run_id, self.uri = client, run_id, uri
         self.stored = stored
-        self.retry_max_wait = max(float(retry_max_wait), FIRST_WAIT_S)
+        self.retry_max_wait = float(retry_max_wait)
         self.queue: collections.deque[dict] = collections.deque()  # the head is the write being sent
         self.aside: list[dict] = []  # artifacts the store refused while it answered: tried again at the end
         self.changed = threading.Condition()
@@ -221,18 +221,26 @@ class Writer:
                 if self.down_since is not None and time.monotonic() - max(self.down_since, began) >= patience:
                     break
                 self.changed.wait(0.2)
+            drained = not self.queue
+        left = self.abandon()
+        if not drained:
+            return left
+        # the store took the whole queue, so it answers: the set-aside artifacts get one more try
+        return [write for write in left if not self._sent(write)]
+
+    def abandon(self) -> list[dict]:
+        """Stop now: what the store has not taken, in order, the set-aside artifacts last."""
+        with self.changed:
             self.abandoned.set()
             self.wake.set()
-            left = list(self.queue)
-        if left:
-            return left + self.aside
-        still = []
-        for write in self.aside:
-            try:
-                send(self.client, self.run_id, write)
-            except Exception:
-                still.append(write)
-        return still
+            return list(self.queue) + self.aside
+
+    def _sent(self, write: dict) -> bool:
+        try:
+            send(self.client, self.run_id, write)
+            return True
+        except Exception:
+            return False
 
     def _run(self) -> None:
         while True:
@@ -251,7 +259,7 @@ class Writer:
 
     def _deliver(self, write: dict) -> None:
         """Send `write` (what of it the run lacks), trying again until the store takes it or close() gives up."""
-        left, wait, known = unsent(write, self.stored, self.run_id), FIRST_WAIT_S, True
+        left, wait, known = unsent(write, self.stored, self.run_id), min(FIRST_WAIT_S, self.retry_max_wait), True
         while left is not None and not self.abandoned.is_set():
             try:
                 if not known:
