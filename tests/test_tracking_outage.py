@@ -264,6 +264,43 @@ def test_a_tracker_failing_in_the_error_path_leaves_the_error_raised(server, tmp
     server.start()
 
 
+@pytest.mark.slow
+def test_writes_queued_at_a_checkpoint_reach_the_resumed_run_after_a_crash(server, tmp_path, cfg_train):
+    """The server is down at a checkpoint and the process dies after it: the writes queued then are
+    in the run folder, and the resumed run sends them before its own, each step once."""
+    from medlora.tracking import Tracker
+
+    server.ensure()
+    cfg = cfg_train(*logging_to(server, tmp_path, flush_timeout=0))
+    first = Tracker(cfg, tmp_path)
+    first.start()
+    first.log_metrics({"train_loss": 1.0}, 1)
+    wait_for_metric(server.client(), tmp_path.name, "train_loss")
+    server.stop()
+    first.log_metrics({"train_loss": 2.0}, 2)
+    first.log_metrics({"train_loss": 3.0}, 3)
+    first.persist()  # what the checkpoint at step 3 does before it saves
+    first.log_metrics({"train_loss": 4.0}, 4)
+    first._writer.abandon()  # the process dies: its queue with it
+    saved = [json.loads(line) for line in (tmp_path / "tracking_backlog.jsonl").read_text().splitlines()]
+    assert [(key, value, step) for w in saved for key, value, _, step in w["metrics"]] == [
+        ("train_loss", 2.0, 2),
+        ("train_loss", 3.0, 3),
+    ]
+
+    server.start()
+    again = Tracker(cfg, tmp_path)
+    again.start(resume_run_id=first.run_id)
+    for step in (4, 5):  # from the checkpoint at step 3 on
+        again.log_metrics({"train_loss": 10.0 * step}, step)
+    again.finish()
+    client = server.client()
+    history = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "train_loss")]
+    assert sorted(history) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0)]
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "tracking_backlog.jsonl").exists()  # all sent: nothing left to replay
+
+
 def test_resumed_run_logs_every_step_once(cfg_train, tmp_path, caplog):
     from mlflow import MlflowClient
 

@@ -363,7 +363,7 @@ def _log_to_mlflow(
     cfg: DictConfig, source, metrics: dict[str, float], table: dict[str, list], output_dir: Path
 ) -> None:
     """A new eval run, nested under the adapter's training run when there is one, with metrics, params and the table."""
-    tracker = Tracker(cfg)
+    tracker = Tracker(cfg, output_dir)
     if not tracker.enabled:
         return
     tags = {"medlora.role": "evaluation", "medlora.adapter_dir": str(source.adapter_dir)}

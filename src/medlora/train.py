@@ -111,7 +111,7 @@ class LoraRecipe:
         )
         if self.resume and self.run_dir != info.output_dir:
             log.info("this run continues in %s (this process's log: %s)", self.run_dir, info.output_dir)
-        self.tracker = Tracker(cfg)
+        self.tracker = Tracker(cfg, self.run_dir)
         if info.sweep_dir:
             # a sweep records every job under its parent, one that fails on a bad value too
             self._start_tracker()
@@ -367,6 +367,8 @@ class LoraRecipe:
             "audit_head": self.audit.head,
             "eval_loss": self.last_eval[1] if scored else None,
         }
+        # first: once the checkpoint exists no step before it runs again, so no write before it may be lost
+        self.tracker.persist()
         saved = self.checkpoints.save(self.accelerator.unwrap_model(self.model), self.optimizer, self.scheduler, state)
         self.audit.record("checkpoint", outputs=folder_hashes(saved), step=self.step)
         return saved

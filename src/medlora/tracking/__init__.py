@@ -25,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from medlora.config import RUN_METRICS, MedloraError
-from medlora.tracking.writer import Stored, Writer, brief, now_ms, save_backlog
+from medlora.tracking.writer import Stored, Writer, backlog_of, brief, keep_backlog, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,14 @@ class Tracker:
     """The MLflow run of one job. With tracking disabled every call does nothing.
 
     Every write (params, metrics, tags, artifacts, tables, the status) is queued and sent by a
-    medlora.tracking.writer.Writer, so none can stop training; `finish` waits for the queue and
-    saves what the store did not take to `<paths.output_dir>/tracking_backlog.jsonl`.
+    medlora.tracking.writer.Writer, so none can stop training; `persist` (at each checkpoint) and
+    `finish` save what the store has not taken to `tracking_backlog.jsonl` in `folder`, the run's
+    folder (paths.output_dir unless given).
     """
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, folder: str | Path | None = None):
         self.cfg = cfg
+        self.folder = Path(folder) if folder else None
         self.enabled = bool(cfg.tracking.enabled)
         self.run_id = None
         self.url = None
@@ -167,6 +169,14 @@ class Tracker:
         self._stored.tags[RESUMES_TAG] = str(resumes)
         self.run_id = run_id
         self.url = ui_url(tracking, run.info.experiment_id, run_id)
+        # what the attempt before queued and MLflow never took (saved at its last checkpoint or end)
+        # goes first; not its closing status, as this attempt closes the run
+        for write in backlog_of(self._folder(), run_id):
+            if write["kind"] != "status":
+                self._put(write)
+
+    def _folder(self) -> Path:
+        return self.folder or Path(self.cfg.paths.output_dir)
 
     def start_beside(self, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> None:
         """A run of another kind (an evaluation, an export): nested under `parent_run_id` and in its
@@ -244,6 +254,17 @@ class Tracker:
             info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, **kwargs)
         return info.model_uri
 
+    def persist(self) -> None:
+        """Save the writes the store has not taken yet beside the run (a checkpoint calls this before
+        it saves), so a crash after the checkpoint loses none of what came before it: the resumed run,
+        or a replay, sends them. Never raises, and never waits for the store."""
+        if not (self.enabled and self._writer is not None and self.cfg.tracking.backlog):
+            return
+        try:
+            keep_backlog(self._folder(), str(self.cfg.tracking.uri), self.run_id, self._writer.pending())
+        except Exception as err:
+            log.warning("could not save the MLflow writes still queued for run %s: %s", self.run_id, brief(err))
+
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         """End the run: wait for its writes (tracking.flush_timeout at most while the store is down),
         then save those it did not take beside the run. Never raises: this runs while the error that
@@ -260,32 +281,33 @@ class Tracker:
             except KeyboardInterrupt:  # Ctrl-C while the run waits for the store: keep what it lacks, then stop
                 self._keep(writer.abandon())
                 raise
-            if left:
-                self._keep(left)
+            self._keep(left)
         except Exception as err:
             log.warning("could not close the MLflow run %s: %s", self.run_id, brief(err))
 
     def _keep(self, writes: list[dict]) -> None:
-        tracking = self.cfg.tracking
+        """`writes` become the run's backlog; none left clears what a checkpoint saved."""
+        tracking, folder = self.cfg.tracking, self._folder()
         if not tracking.backlog:
+            if writes:
+                log.warning(
+                    "MLflow at %s did not take %d writes of run %s; they are dropped (tracking.backlog=false)",
+                    tracking.uri,
+                    len(writes),
+                    self.run_id,
+                )
+            return
+        path = keep_backlog(folder, str(tracking.uri), self.run_id, writes)
+        if writes:
             log.warning(
-                "MLflow at %s did not take %d writes of run %s; they are dropped (tracking.backlog=false)",
+                "MLflow at %s did not take %d writes of run %s: they are in %s; once it is back, send them with "
+                "`python -m medlora.tracking replay %s`",
                 tracking.uri,
                 len(writes),
                 self.run_id,
+                path,
+                folder,
             )
-            return
-        folder = Path(self.cfg.paths.output_dir)
-        path = save_backlog(folder, str(tracking.uri), self.run_id, writes)
-        log.warning(
-            "MLflow at %s did not take %d writes of run %s: they are in %s; once it is back, send them with "
-            "`python -m medlora.tracking replay %s`",
-            tracking.uri,
-            len(writes),
-            self.run_id,
-            path,
-            folder,
-        )
 
 
 class MlflowSweepCallback(Callback):

@@ -7,7 +7,8 @@ says so again when the store is back, and goes on with the rest in order. An art
 store refuses while it answers otherwise (a read-only or full artifact store) is set aside and
 tried once more at the end, so it holds nothing up. What MLflow has not taken when the run ends
 is saved to `<run folder>/tracking_backlog.jsonl`, and `python -m medlora.tracking replay
-<run folder>` sends it later.
+<run folder>` sends it later. Each checkpoint saves that file first too, so a run killed after a
+checkpoint has lost none of the writes before it: its resumed run sends them.
 
 A write may be sent twice (the store can take it and fail before it answers), so before a write
 is tried again, and before a replay, the run is read back, and what it holds is not sent: a
@@ -228,6 +229,11 @@ class Writer:
         # the store took the whole queue, so it answers: the set-aside artifacts get one more try
         return [write for write in left if not self._sent(write)]
 
+    def pending(self) -> list[dict]:
+        """What the store has not confirmed yet, in order, the set-aside artifacts last."""
+        with self.changed:
+            return list(self.queue) + self.aside
+
     def abandon(self) -> list[dict]:
         """Stop now: what the store has not taken, in order, the set-aside artifacts last."""
         with self.changed:
@@ -328,12 +334,27 @@ class Writer:
             self.down_since = None
 
 
-def save_backlog(folder: Path, uri: str, run_id: str, writes: list[dict]) -> Path:
-    """Add `writes` to the folder's backlog (after any it holds), each line naming its store and run."""
+def keep_backlog(folder: Path, uri: str, run_id: str, writes: list[dict]) -> Path | None:
+    """Make `writes` the backlog of `run_id` in `folder`, each line naming its store and run (other
+    runs' lines stay). With no writes the run's lines go, and the file once it holds none.
+    Returns the file while it holds lines."""
+    path = Path(folder) / BACKLOG
+    rows = [row for row in read_backlog(path) if row["run_id"] != run_id] if path.is_file() else []
+    rows += [{"tracking_uri": uri, "run_id": run_id, **write} for write in writes]
+    if rows:
+        write_jsonl(path, rows)
+        return path
+    path.unlink(missing_ok=True)
+    return None
+
+
+def backlog_of(folder: Path, run_id: str) -> list[dict]:
+    """The writes of `run_id` that `folder`'s backlog holds, in order."""
     path = Path(folder) / BACKLOG
     rows = read_backlog(path) if path.is_file() else []
-    write_jsonl(path, rows + [{"tracking_uri": uri, "run_id": run_id, **w} for w in writes])
-    return path
+    return [
+        {k: v for k, v in row.items() if k not in ("tracking_uri", "run_id")} for row in rows if row["run_id"] == run_id
+    ]
 
 
 def read_backlog(path: Path) -> list[dict]:
