@@ -347,12 +347,26 @@ def test_resumed_run_logs_every_step_once(cfg_train, tmp_path, caplog):
     assert client.get_run(first.run_id).data.tags["medlora.resumes"] == "2"
 
 
-def test_resuming_a_run_the_store_lacks_names_the_run(cfg_train):
+def test_resuming_a_run_the_store_lacks_starts_a_new_one_that_names_it(cfg_train, caplog):
+    from mlflow import MlflowClient
+
     from medlora.config import MedloraError
     from medlora.tracking import Tracker
 
-    with pytest.raises(MedloraError, match="cannot resume the MLflow run 0123abcd in tracking.uri=sqlite:///"):
-        Tracker(cfg_train(*TINY)).start(resume_run_id="0123abcd")
+    cfg = cfg_train(*TINY)
+    tracker = Tracker(cfg)
+    with caplog.at_level(logging.WARNING, logger="medlora.tracking"):
+        tracker.start(resume_run_id="0123abcd")
+    tracker.finish()
+    run = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(tracker.run_id)
+    assert tracker.run_id != "0123abcd" and run.data.tags["medlora.continues_run"] == "0123abcd"
+    assert "medlora.resumes" not in run.data.tags and run.data.params["lora.rank"] == "32"
+    assert f"MLflow run 0123abcd is not in tracking.uri={cfg.tracking.uri}: the resumed training goes on" in caplog.text
+    # a store that does not answer is no store without the run: the run stops before training, as a new one would
+    with pytest.raises(
+        MedloraError, match=r"cannot resume the MLflow run 0123abcd in tracking.uri=http://127.0.0.1:9: "
+    ):
+        Tracker(cfg_train(*TINY, "tracking.uri=http://127.0.0.1:9")).start(resume_run_id="0123abcd")
 
 
 def test_an_artifact_store_that_refuses_writes_costs_only_its_artifacts(cfg_train, tmp_path, caplog):

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_TAG = "medlora.sweep_dir"
 RESUMES_TAG = "medlora.resumes"
+CONTINUES_TAG = "medlora.continues_run"  # a resumed training's new run: the run id its checkpoint named
 # a request to a store that is down fails at once (the writer waits and retries, off the training
 # thread), and one to a store that hangs counts as failed after 10 s
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -131,29 +132,33 @@ class Tracker:
 
     def start(self, sweep_dir: str | None = None, overrides: list[str] = (), resume_run_id: str | None = None) -> None:
         """A new run (the child of its sweep's parent in a sweep), or with `resume_run_id` that run
-        again: RUNNING once more, its `medlora.resumes` tag counting, and nothing it holds logged twice."""
+        again: RUNNING once more, its `medlora.resumes` tag counting, and nothing it holds logged twice.
+        A store without that run (another store, a deleted run) gets a new run, tagged with the id."""
         if not self.enabled:
             return
         tracking = self.cfg.tracking
         self.client = _client(tracking)
+        if resume_run_id and self._resume(resume_run_id):
+            self.log_params(flatten(self.cfg))
+            return
+        exp_id = experiment_id(tracking)
+        all_tags = {"hydra_overrides": " ".join(overrides)[:8000]}
         if resume_run_id:
-            self._resume(resume_run_id)
-        else:
-            exp_id = experiment_id(tracking)
-            all_tags = {"hydra_overrides": " ".join(overrides)[:8000]}
-            if sweep_dir:
-                parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
-                    self.client, exp_id, sweep_dir, overrides
-                )
-                all_tags["mlflow.parentRunId"] = parent
-            name = (
-                tracking.run_name
-                or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
+            all_tags[CONTINUES_TAG] = resume_run_id
+        if sweep_dir:
+            parent = _sweep_parent(self.client, exp_id, sweep_dir) or _start_parent(
+                self.client, exp_id, sweep_dir, overrides
             )
-            self._create(exp_id, name, all_tags)
+            all_tags["mlflow.parentRunId"] = parent
+        name = (
+            tracking.run_name
+            or f"{Path(str(self.cfg.model.base_model)).stem}-r{self.cfg.lora.rank}-{time.strftime('%H%M%S')}"
+        )
+        self._create(exp_id, name, all_tags)
         self.log_params(flatten(self.cfg))
 
-    def _resume(self, run_id: str) -> None:
+    def _resume(self, run_id: str) -> bool:
+        """Reattach to `run_id`; False when the store answers that it has no such run."""
         tracking = self.cfg.tracking
         try:
             run = self.client.get_run(run_id)
@@ -162,9 +167,17 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, RESUMES_TAG, str(resumes))
         except Exception as err:  # mlflow raises MlflowException, requests' errors or sqlalchemy's
+            if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                log.warning(
+                    "MLflow run %s is not in tracking.uri=%s: the resumed training goes on in a new run (tag %s)",
+                    run_id,
+                    tracking.uri,
+                    CONTINUES_TAG,
+                )
+                return False
             raise MedloraError(
                 f"cannot resume the MLflow run {run_id} in tracking.uri={tracking.uri}: {brief(err)}. "
-                "Give the id of a run in that store (its page in the UI shows it), or start the server."
+                "Start the server (or fix the URI), or run without tracking: tracking=none."
             ) from err
         self._stored.tags[RESUMES_TAG] = str(resumes)
         self.run_id = run_id
@@ -174,6 +187,7 @@ class Tracker:
         for write in backlog_of(self._folder(), run_id):
             if write["kind"] != "status":
                 self._put(write)
+        return True
 
     def _folder(self) -> Path:
         return self.folder or Path(self.cfg.paths.output_dir)
