@@ -156,9 +156,9 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_completes(reference, t
 @pytest.mark.slow
 def test_the_same_command_in_a_new_folder_continues_the_unfinished_run_beside_it(reference, tmp_path):
     adapter, data = reference
-    code, _ = _interrupt(tmp_path, data, tmp_path / "runs" / "first", "checkpoint saved to")
+    code, _ = _interrupt(tmp_path, data, tmp_path / "runs" / "first", "checkpoints/step_6")
     assert code == -signal.SIGKILL
-    # a corrupt newest checkpoint is named and passed over for the one before it
+    # a corrupt newest checkpoint is named and passed over for the one before it (and replaced)
     newest = checkpoint.checkpoints(tmp_path / "runs" / "first" / "checkpoints")[-1]
     blob = bytearray((newest / "adapter_model.safetensors").read_bytes())
     blob[-1] ^= 0xFF

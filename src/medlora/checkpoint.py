@@ -131,7 +131,8 @@ def save_checkpoint(model, optimizer, scheduler, target: Path, state: dict) -> P
         (folder / MANIFEST).write_text(json.dumps(folder_hashes(folder), indent=1))  # last: it covers the rest
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    _saved(target, save, needed=3 * _trainable_bytes(model))  # the weights and AdamW's two moments
+    # a resumed run passes the steps of checkpoints a corrupt one stood in front of: those are replaced
+    _replace(target, save, needed=3 * _trainable_bytes(model))  # the weights and AdamW's two moments
     log.info("checkpoint saved to %s", target)
     return target
 
@@ -231,10 +232,11 @@ def prune(folder: Path, keep_last: int) -> None:
 
 @dataclass
 class Resume:
-    """A checkpoint to continue from and the run folder it belongs to (the run goes on there)."""
+    """A checkpoint to continue from and the run folder it belongs to, where the run goes on; None
+    for a finished run's checkpoint, which a new run starts from in its own folder and MLflow run."""
 
     checkpoint: Path
-    run_dir: Path
+    run_dir: Path | None
     state: dict
 
 
@@ -247,8 +249,14 @@ def mark(run_dir: Path, outcome: BaseException | str | None, step: int) -> None:
         status = "finished" if outcome is None else "stopped" if isinstance(outcome, Stopped) else "failed"
         if outcome is not None and not (run_dir / RUN_STATE).is_file():
             return
-    if run_dir.is_dir():
+    if not run_dir.is_dir():
+        return
+    try:
         write_file(run_dir / RUN_STATE, json.dumps({"status": status, "step": step}))
+    except MedloraError as err:
+        if status == "running":
+            raise
+        log.warning("%s", err)  # the error that ended the run is the one to see
 
 
 def finished(run_dir: Path) -> bool:
@@ -341,7 +349,11 @@ def _named(resume_from: str, tracking_uri) -> Resume:
             f"training.resume_from={resume_from} holds no valid checkpoint: give a run folder with a checkpoints/ "
             "folder, or a checkpoint such as outputs/runs/<time>/checkpoints/step_20."
         )
-    return Resume(checkpoint, run_dir, read_state(checkpoint))
+    state = read_state(checkpoint)
+    if finished(run_dir):  # its results stay as they are
+        log.info("%s finished: this run starts from its %s in a folder of its own", run_dir, checkpoint.name)
+        return Resume(checkpoint, None, {**state, "run_id": None})
+    return Resume(checkpoint, run_dir, state)
 
 
 # --------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ class LoraRecipe:
         self.resume = find_resume(
             t.resume, t.resume_from, info.output_dir, self.config_hash, cfg.tracking.uri, look_beside=not info.sweep_dir
         )
-        self.run_dir = self.resume.run_dir if self.resume else info.output_dir
+        self.run_dir = (self.resume.run_dir if self.resume else None) or info.output_dir
         self.checkpoints = Checkpoints(
             self.run_dir / "checkpoints", t.save_every, t.save_every_minutes, t.keep_checkpoints
         )
