@@ -149,6 +149,10 @@ class Checkpoints:
         )
         self.last_save = time.monotonic()
 
+    @classmethod
+    def of(cls, run_dir: Path, training) -> Checkpoints:
+        return cls(run_dir / "checkpoints", training.save_every, training.save_every_minutes, training.keep_checkpoints)
+
     def due(self, step: int) -> bool:
         """Every `every_steps` steps or `every_minutes` of training, whichever comes first."""
         by_steps = bool(self.every_steps) and step % self.every_steps == 0
@@ -272,6 +276,18 @@ def config_hash(cfg: DictConfig) -> str:
     for key in ("resume", "resume_from"):
         setup.get("training", {}).pop(key, None)
     return sha256_text(json.dumps(setup, sort_keys=True))
+
+
+def resume_point(training, tracking_uri, info, config_hash: str) -> tuple[Resume | None, Path]:
+    """(where this run continues from, the folder it runs in) for the recipe; see find_resume."""
+    t = training
+    resume = find_resume(
+        t.resume, t.resume_from, info.output_dir, config_hash, tracking_uri, look_beside=not info.sweep_dir
+    )
+    run_dir = (resume.run_dir if resume else None) or info.output_dir
+    if run_dir != info.output_dir:
+        log.info("this run continues in %s (this process's log: %s)", run_dir, info.output_dir)
+    return resume, run_dir
 
 
 def find_resume(

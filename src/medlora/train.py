@@ -25,9 +25,9 @@ from medlora.checkpoint import (
     Stopped,
     StopSignals,
     config_hash,
-    find_resume,
     load_checkpoint,
     mark,
+    resume_point,
     save_adapter,
 )
 from medlora.cli import RunInfo
@@ -100,17 +100,9 @@ class LoraRecipe:
     def __init__(self, cfg: DictConfig, info: RunInfo):
         self.cfg, self.info = cfg, info
         self.config_hash = config_hash(cfg)
-        t = cfg.training
         # before the tracker starts: a resumed run goes on in its own MLflow run
-        self.resume = find_resume(
-            t.resume, t.resume_from, info.output_dir, self.config_hash, cfg.tracking.uri, look_beside=not info.sweep_dir
-        )
-        self.run_dir = (self.resume.run_dir if self.resume else None) or info.output_dir
-        self.checkpoints = Checkpoints(
-            self.run_dir / "checkpoints", t.save_every, t.save_every_minutes, t.keep_checkpoints
-        )
-        if self.resume and self.run_dir != info.output_dir:
-            log.info("this run continues in %s (this process's log: %s)", self.run_dir, info.output_dir)
+        self.resume, self.run_dir = resume_point(cfg.training, cfg.tracking.uri, info, self.config_hash)
+        self.checkpoints = Checkpoints.of(self.run_dir, cfg.training)
         self.tracker = Tracker(cfg, self.run_dir)
         if info.sweep_dir:
             # a sweep records every job under its parent, one that fails on a bad value too
@@ -121,10 +113,7 @@ class LoraRecipe:
 
     def _start_tracker(self) -> None:
         resumed = self.resume.state.get("run_id") if self.resume else None
-        if resumed:
-            self.tracker.start(self.info.sweep_dir, list(self.info.overrides), resume_run_id=resumed)
-        else:
-            self.tracker.start(self.info.sweep_dir, list(self.info.overrides))
+        self.tracker.start(self.info.sweep_dir, list(self.info.overrides), resume_run_id=resumed)
 
     # --- setup -------------------------------------------------------------------------------
 
