@@ -212,3 +212,13 @@ def test_a_save_on_a_full_disk_keeps_the_last_good_one_and_says_how_much_was_nee
         checkpoint.save_adapter(Model(), None, target)
     assert (target / "adapter_model.safetensors").read_bytes() == b"the good one"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left
+
+
+def test_the_first_signal_asks_for_a_stop_and_a_second_ctrl_c_stops_at_once():
+    with checkpoint.StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM  # training goes on to the step boundary
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    # outside the run, the handlers are the ones before it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
