@@ -40,6 +40,9 @@ from medlora.config import MedloraError
 from medlora.files import write_jsonl
 
 log = logging.getLogger("medlora.tracking")
+# what differs between the processes of one resumed run by design (each has its own Hydra folder,
+# and the rerun may name the run it continues): not a change worth a warning
+PER_PROCESS = ("paths.output_dir", "training.resume", "training.resume_from")
 
 BACKLOG = "tracking_backlog.jsonl"
 FIRST_WAIT_S = 1.0
@@ -128,7 +131,7 @@ def unsent(write: dict, stored: Stored, run_id: str) -> dict | None:
     for key, value in write["params"].items():
         if key not in stored.params:
             params[key] = value
-        elif stored.params[key] != value:
+        elif stored.params[key] != value and key not in PER_PROCESS:
             changed.append(f"{key}={value} (it has {stored.params[key]})")
     if changed:
         log.warning(
