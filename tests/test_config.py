@@ -167,6 +167,9 @@ def test_medquad_experiment_points_at_shared_data():
         ("training.overlong=cut", "truncate or drop"),
         ("training.max_steps=0", "both 0"),
         ("training.allocator=glibc", "training.allocator='glibc' is invalid"),
+        ("tracking.retry_max_wait=-3", "tracking.retry_max_wait=-3 is invalid: it must be a number > 0"),
+        ("tracking.enabled=maybe", "tracking.enabled='maybe' is invalid: use true or false."),
+        ("training.resume=sometimes", "training.resume='sometimes' is invalid: use one of auto, never."),
         ("training.shared_prefix_scope=batch", "training.shared_prefix_scope='batch' is invalid: use step or row"),
         (
             "training.optimizer._target_=torch.optim.NoSuchOptimizer",

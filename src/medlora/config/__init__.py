@@ -89,6 +89,7 @@ def validate(cfg: DictConfig, libraries: bool = True) -> None:
     build(Training, cfg.training)
     build(Data, cfg.data)
     validate_safety(cfg.safety)
+    build(Tracking, cfg.tracking)
     metric = cfg.get("optimized_metric", "eval_loss")
     require(
         metric in RUN_METRICS or cfg.get("adapter_eval") is not None,

@@ -20,7 +20,7 @@ from transformers import set_seed
 from medlora import data as medata
 from medlora.audit import AuditTrail
 from medlora.config import require, resolve_device, resolve_precision, validate_model, validate_safety
-from medlora.config.groups import Inference
+from medlora.config.groups import Inference, Tracking
 from medlora.config.schema import build
 from medlora.files import sha256_file, sha256_text, write_jsonl
 from medlora.infer import export as exporter
@@ -41,6 +41,7 @@ def validate(cfg: DictConfig) -> None:
     validate_model(cfg.model)
     validate_safety(cfg.safety)
     build(Inference, cfg.inference)
+    build(Tracking, cfg.tracking)
 
 
 def check_request(cfg: DictConfig, info) -> tuple[Source, str | None, list | None]:
